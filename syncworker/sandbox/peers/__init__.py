@@ -1,0 +1,1 @@
+"""One module per real server; `syncworker.sandbox.catalog` maps names to them."""
