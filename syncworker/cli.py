@@ -1,0 +1,203 @@
+"""The `syncworker` command: check, plan and run task files; drive the local sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from syncworker import errors, logs
+from syncworker.config import loader, settings
+from syncworker.connectors import registry
+from syncworker.reconcile import engine as engine_mod
+from syncworker.reconcile import unit as unit_mod
+
+app = typer.Typer(help="Keep service-discovery data in sync between registries and into gateways.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+sandbox_app = typer.Typer(help="Real registries and gateways on this machine, for trying syncworker.",
+                          no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "-c", "--config", help="task file (JSON or YAML); default from settings")
+
+
+def _config_path(path: Path | None) -> str:
+    return str(path) if path else settings.Settings().config_file
+
+
+def _load_or_exit(path: str):  # type: ignore[no-untyped-def]
+    try:
+        return loader.load(path)
+    except errors.ConfigError as exc:
+        err.print(f"[red]config rejected[/red]: {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def check(config: Path | None = ConfigOpt) -> None:
+    """Validate a task file; exit 0, or 2 with every problem listed."""
+    path = _config_path(config)
+    cfg = _load_or_exit(path)
+    tasks = cfg.enabled_tasks()
+    console.print(f"{path}: OK, {len(tasks)} enabled task(s): " + ", ".join(t.name for t in tasks))
+
+
+@app.command()
+def plan(config: Path | None = ConfigOpt) -> None:
+    """Print what a sync would change now; change nothing."""
+    cfg = _load_or_exit(_config_path(config))
+    rows = asyncio.run(_plan(cfg))
+    table = Table("task", "service", "create", "update", "delete", "clash", "note")
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    console.print(table)
+
+
+async def _plan(cfg) -> list[tuple[object, ...]]:  # type: ignore[no-untyped-def]
+    eng = engine_mod.Engine(registry.create, workers=1)
+    rows: list[tuple[object, ...]] = []
+    for task in cfg.enabled_tasks():
+        src = registry.create(engine_mod.endpoint_of(task.source))
+        dst = registry.create(engine_mod.endpoint_of(task.destination))
+        await src.open()
+        await dst.open()
+        try:
+            rt = engine_mod.TaskRuntime(task, src, dst, engine_mod.policy_of(task),
+                                        engine_mod.ratelimit.TokenBucket(0))
+            await eng._discover(rt)
+            if rt.discovery_error:
+                rows.append((task.name, "*", "", "", "", "", rt.discovery_error))
+            for u in rt.units.values():
+                state = unit_mod.UnitState()
+                res = await unit_mod.reconcile(u, src, dst, state, rt.policy, apply=False)
+                c = res.plan.counts()
+                note = res.error or (state.error if state.held_deletes else "")
+                rows.append((task.name, str(u.source_service), c["create"], c["update"], c["delete"],
+                             c["clash"], note))
+        finally:
+            await src.close()
+            await dst.close()
+    return rows
+
+
+def _status_table(rows: list[dict[str, object]]) -> Table:
+    table = Table("task", "service", "source", "in sync", "clash", "held", "last sync", "outcome", "error",
+                  title=f"syncworker  {time.strftime('%H:%M:%S')}")
+    for r in rows:
+        last = float(r["last_ok"] or 0)  # type: ignore[arg-type]
+        ago = f"{time.time() - last:.0f}s ago" if last else "-"
+        table.add_row(str(r["task"]), str(r["service"]), str(r["source_instances"]), str(r["in_sync"]),
+                      str(r["clashes"]), str(r["held_deletes"]), ago, str(r["outcome"]), str(r["error"])[:80])
+    return table
+
+
+@app.command()
+def run(config: Path | None = ConfigOpt,
+        live: bool = typer.Option(None, help="live status table (default: when stdout is a terminal)")) -> None:
+    """Run the sync in this process (the embedded default: no ZooKeeper, no Redis). Ctrl-C stops it."""
+    from syncworker.runtime import embedded
+
+    st = settings.Settings()
+    logs.setup(st.log_level, st.log_format == "json")
+    path = _config_path(config)
+    _load_or_exit(path)
+    show = sys.stdout.isatty() if live is None else live
+    try:
+        if show:
+            with Live(_status_table([]), console=console, refresh_per_second=2) as view:
+                asyncio.run(embedded.run(path, st.backup_path(path), workers=st.workers,
+                                         reload_interval=st.reload_interval, report_file=st.report_file,
+                                         status_sink=lambda rows: view.update(_status_table(rows))))
+        else:
+            asyncio.run(embedded.run(path, st.backup_path(path), workers=st.workers,
+                                     reload_interval=st.reload_interval, report_file=st.report_file))
+    except errors.ConfigError as exc:
+        err.print(f"[red]config rejected[/red]: {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        pass
+
+
+# ---- sandbox ---------------------------------------------------------------------------
+def _state_file() -> Path:
+    from syncworker.sandbox import base
+
+    return base.run_root().parent / "state.json"
+
+
+def _read_state() -> dict[str, dict[str, object]]:
+    try:
+        data: dict[str, dict[str, object]] = json.loads(_state_file().read_text())
+        return data
+    except (OSError, ValueError):
+        return {}
+
+
+@sandbox_app.command("up")
+def sandbox_up(names: list[str] = typer.Argument(..., help="peers to start, e.g. nacos polaris")) -> None:
+    """Install (once) and start peers on free loopback ports; print their addresses and credentials."""
+    from syncworker.sandbox import base, harness
+
+    os.environ["SYNCWORKER_SANDBOX_CLI"] = "1"
+    state = _read_state()
+    pool = harness.PeerPool()
+    for name in names:
+        if name in state and base.pid_alive(int(state[name]["pid"])):  # type: ignore[arg-type]
+            console.print(f"{name}: already running")
+            continue
+        console.print(f"starting {name} ...")
+        try:
+            running = pool.fresh(name)
+        except base.PeerError as exc:
+            err.print(f"[red]{name} failed[/red]: {exc}")
+            raise typer.Exit(1) from None
+        state[name] = running.to_json()
+        _state_file().parent.mkdir(parents=True, exist_ok=True)
+        _state_file().write_text(json.dumps(state, indent=2))
+    sandbox_status()
+
+
+@sandbox_app.command("down")
+def sandbox_down() -> None:
+    """Stop every peer the sandbox started."""
+    from syncworker.sandbox import base
+
+    state = _read_state()
+    for name, info in state.items():
+        for entry in [info, *info.get("children", [])]:  # type: ignore[list-item]
+            base.stop_group(int(entry["pid"]), 15.0)  # type: ignore[index]
+        console.print(f"{name}: stopped")
+    _state_file().unlink(missing_ok=True)
+
+
+@sandbox_app.command("status")
+def sandbox_status() -> None:
+    """Show the peers the sandbox started: state, addresses, credentials, log."""
+    from syncworker.sandbox import base
+
+    table = Table("peer", "version", "state", "endpoints", "credentials", "log")
+    for name, info in _read_state().items():
+        alive = base.pid_alive(int(info["pid"]))  # type: ignore[arg-type]
+        table.add_row(name, str(info["version"]), "up" if alive else "down",
+                      "\n".join(f"{k}={v}" for k, v in info["endpoints"].items()),  # type: ignore[union-attr]
+                      "\n".join(f"{k}={v}" for k, v in info["credentials"].items()),  # type: ignore[union-attr]
+                      str(info["log"]))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

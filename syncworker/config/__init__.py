@@ -1,0 +1,1 @@
+"""Task configuration (models, loading with every problem located) and process settings."""

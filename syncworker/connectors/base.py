@@ -1,0 +1,127 @@
+"""The one interface every external system is reached through.
+
+A connector translates between one system's API and the canonical model in
+`syncworker.model`. It lists services and instances (as a source or to read a
+destination's current state), optionally watches for changes, and applies a
+`Plan` (as a destination). It declares what it can do in `Capabilities`, and the
+engine relies on nothing else. Connectors never import each other or the engine.
+
+Errors: a listing that fails or is incomplete raises `errors.ReadError`; a write
+that may succeed later raises `errors.TemporaryError`; anything else that is the
+peer's final word raises `errors.PermanentError`. `apply` does not raise for a
+single failed operation: it returns one `Outcome` per operation.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+from syncworker import model
+from syncworker.reconcile import planner
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    source: bool = True
+    destination: bool = True
+    watch: bool = False
+    batch_writes: bool = False
+    needs_heartbeats: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """One configured system: what the task file says under `source` or `destination`."""
+
+    name: str
+    type: str
+    addresses: tuple[str, ...]
+    token: str = dataclasses.field(default="", repr=False)
+    user: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    op: str  # "create", "update", "delete"
+    address: model.Address
+    ok: bool
+    error: str = ""
+    temporary: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """Instances of one service plus the records that were skipped as malformed."""
+
+    instances: tuple[model.Instance, ...]
+    skipped: tuple[str, ...] = ()
+    revision: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyContext:
+    """What a destination may need beyond the plan: gateways build upstreams per group."""
+
+    task: str
+    #: every copy the task wants for this service after the plan
+    desired: tuple[model.Instance, ...] = ()
+    #: (group name, metadata selector, upstream name or "") from the task's match
+    groups: tuple[tuple[str, Mapping[str, str], str], ...] = ()
+
+
+#: a watch event: the service that changed, or None when the connector lost track
+#: and everything it watches must be reconciled
+WatchEvent = model.ServiceKey | None
+
+
+class Connector(abc.ABC):
+    type_name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: the weight that this system gives an instance by default (canonical 1.0)
+    default_weight: ClassVar[float] = 1.0
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect or log in; called once before first use."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; must not delete or expire anything it wrote."""
+
+    @abc.abstractmethod
+    async def list_services(self, namespace: str) -> Sequence[model.ServiceKey]:
+        """Every service in `namespace`; raise ReadError when the listing is not complete."""
+
+    @abc.abstractmethod
+    async def list_instances(self, service: model.ServiceKey) -> Listing:
+        """Every instance of `service` (empty when the service does not exist)."""
+
+    async def apply(self, service: model.ServiceKey, plan: planner.Plan, ctx: ApplyContext
+                    ) -> list[Outcome]:
+        raise NotImplementedError(f"{self.type_name} cannot be a destination")
+
+    def watch(self, services: Sequence[model.ServiceKey], namespaces: Sequence[str]
+              ) -> AsyncIterator[WatchEvent]:
+        """Yield keys of services that changed; watch whole namespaces for new services."""
+        raise NotImplementedError(f"{self.type_name} cannot watch")
+
+    async def heartbeat(self, service: model.ServiceKey, instances: Sequence[model.Instance]) -> None:  # noqa: B027
+        """Keep ephemeral copies alive (only for connectors that need heartbeats)."""
+
+    async def health(self) -> str | None:
+        """None when the system answers, or why it does not."""
+        try:
+            await self.list_services("")
+        except Exception as exc:
+            return str(exc)
+        return None

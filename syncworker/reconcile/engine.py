@@ -1,0 +1,359 @@
+"""The engine: turns tasks into units, keeps them converged, and reports their state.
+
+Watch events and pull ticks only mark units dirty (`DirtyQueue`); a fixed pool of
+worker coroutines runs `unit.reconcile` on dirty units, one run per unit at a
+time. Failures come back as a delayed mark (exponential backoff); held deletes
+come back when their grace runs out. The engine knows connectors only through
+`connectors.base` and gets them from a factory, so the same engine runs in the
+embedded process and inside cluster workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from syncworker import model
+from syncworker.config import models
+from syncworker.connectors import base
+from syncworker.reconcile import desired, dirtyqueue, planner, ratelimit, safety, unit
+
+log = logging.getLogger("syncworker.engine")
+
+DEFAULT_GROUP = "DEFAULT_GROUP"
+ConnectorFactory = Callable[[base.Endpoint], base.Connector]
+
+
+def parse_service(namespace: str, service: str) -> model.ServiceKey:
+    """polaris-sync's `GROUP__name` service form; no prefix or DEFAULT_GROUP means the default group."""
+    group, sep, name = service.partition("__")
+    if not sep:
+        return model.ServiceKey(namespace, "", service)
+    return model.ServiceKey(namespace, "" if group == DEFAULT_GROUP else group, name)
+
+
+def endpoint_of(cfg: models.EndpointConfig) -> base.Endpoint:
+    return base.Endpoint(name=cfg.name, type=cfg.type, addresses=tuple(cfg.addresses),
+                         token=cfg.token.get_secret_value(), user=cfg.user,
+                         password=cfg.password.get_secret_value(), options=dict(cfg.options))
+
+
+def policy_of(task: models.TaskConfig) -> safety.Policy:
+    s = task.safety
+    return safety.Policy(empty_grace=models.parse_duration(s.empty_grace),
+                         max_delete_ratio=s.max_delete_ratio,
+                         ratio_grace=models.parse_duration(s.ratio_grace))
+
+
+def backoff(failures: int) -> float:
+    return min(30.0, 0.5 * 2 ** max(0, failures - 1))
+
+
+@dataclasses.dataclass
+class TaskRuntime:
+    config: models.TaskConfig
+    source: base.Connector
+    dest: base.Connector
+    policy: safety.Policy
+    bucket: ratelimit.TokenBucket
+    units: dict[str, unit.Unit] = dataclasses.field(default_factory=dict)
+    loops: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+    discovery_error: str = ""
+
+    def rules(self) -> desired.CopyRules:
+        c = self.config
+        return desired.CopyRules(task=c.name, source=c.source.name, destination=c.destination.name,
+                                 relay=c.relay, only_healthy=c.only_healthy)
+
+
+class Engine:
+    def __init__(self, factory: ConnectorFactory, *, workers: int = 16, discover_interval: float = 10.0,
+                 heartbeat_interval: float = 5.0) -> None:
+        self.factory = factory
+        self.queue = dirtyqueue.DirtyQueue()
+        self.tasks: dict[str, TaskRuntime] = {}
+        self.states: dict[str, unit.UnitState] = {}
+        self.config = models.RegistryConfig()
+        self.workers = workers
+        self.discover_interval = discover_interval
+        self.heartbeat_interval = heartbeat_interval
+        self._loops: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()
+        self._active = 0
+
+    # ---- lifecycle -----------------------------------------------------------------
+    async def start(self, config: models.RegistryConfig) -> None:
+        self._loops.append(asyncio.create_task(self.queue.run_timers(), name="timers"))
+        for i in range(self.workers):
+            self._loops.append(asyncio.create_task(self._worker(), name=f"worker-{i}"))
+        await self.apply_config(config)
+
+    async def stop(self) -> None:
+        """Stop everything; copies stay where they are (no delete on stop)."""
+        for name in list(self.tasks):
+            await self._stop_task(name)
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop
+        self._loops.clear()
+
+    async def apply_config(self, config: models.RegistryConfig) -> dict[str, list[str]]:
+        """Start new tasks, restart changed ones, stop and clean up removed ones; keep the rest."""
+        new = {t.name: t for t in config.enabled_tasks()}
+        old = {name: rt.config for name, rt in self.tasks.items()}
+        methods_changed = config.methods != self.config.methods
+        changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "kept": []}
+        for name, cfg in old.items():
+            if name not in new:
+                await self._stop_task(name)
+                await self.cleanup_task(cfg)
+                changes["removed"].append(name)
+        self.config = config
+        for name, cfg in new.items():
+            if name in old and old[name] == cfg and not methods_changed:
+                changes["kept"].append(name)
+                continue
+            if name in old:
+                await self._stop_task(name)
+                changes["changed"].append(name)
+            else:
+                changes["added"].append(name)
+            await self._start_task(cfg)
+        log.info("config applied", extra={"changes": changes})
+        return changes
+
+    async def _start_task(self, cfg: models.TaskConfig) -> None:
+        source = self.factory(endpoint_of(cfg.source))
+        dest = self.factory(endpoint_of(cfg.destination))
+        rt = TaskRuntime(cfg, source, dest, policy_of(cfg), ratelimit.TokenBucket(cfg.rate_limit))
+        self.tasks[cfg.name] = rt
+        await source.open()
+        await dest.open()
+        await self._discover(rt)
+        for key in rt.units:
+            self.queue.mark(key)
+        rt.loops.append(asyncio.create_task(self._discovery_loop(rt), name=f"discover-{cfg.name}"))
+        pull = self.config.method("pull")
+        if pull is not None:
+            rt.loops.append(asyncio.create_task(
+                self._pull_loop(rt, models.parse_duration(pull.interval)), name=f"pull-{cfg.name}"))
+        if self.config.method("watch") is not None and source.capabilities.watch:
+            rt.loops.append(asyncio.create_task(self._watch_loop(rt), name=f"watch-{cfg.name}"))
+        if dest.capabilities.needs_heartbeats:
+            rt.loops.append(asyncio.create_task(self._heartbeat_loop(rt), name=f"beat-{cfg.name}"))
+
+    async def _stop_task(self, name: str) -> None:
+        rt = self.tasks.pop(name, None)
+        if rt is None:
+            return
+        for loop in rt.loops:
+            loop.cancel()
+        for loop in rt.loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop
+        # wait for running reconciles of this task to finish before closing its connectors
+        while any(self.queue.running(k) for k in rt.units):
+            await asyncio.sleep(0.02)
+        for key in rt.units:
+            self.states.pop(key, None)
+        await rt.source.close()
+        await rt.dest.close()
+
+    # ---- units ---------------------------------------------------------------------
+    def _units_for(self, rt: TaskRuntime, services: Sequence[model.ServiceKey],
+                   m: models.MatchConfig) -> dict[str, unit.Unit]:
+        out: dict[str, unit.Unit] = {}
+        rules = dataclasses.replace(rt.rules(), metadata_filter=dict(m.metadata))
+        groups = tuple((g.name, g.selector(), g.upstream_name) for g in m.groups)
+        for svc in services:
+            dest_svc = model.ServiceKey(
+                m.dest_namespace if m.dest_namespace is not None else svc.namespace,
+                svc.group, m.dest_service or svc.name)
+            u = unit.Unit(rt.config.name, svc, dest_svc, rules, groups)
+            out[u.key] = u
+        return out
+
+    async def _discover(self, rt: TaskRuntime) -> list[str]:
+        """(Re)build the unit list; a failed listing keeps the units known so far."""
+        found: dict[str, unit.Unit] = {}
+        errors: list[str] = []
+        for m in rt.config.match:
+            if m.service == "*":
+                try:
+                    services = list(await rt.source.list_services(m.namespace))
+                except Exception as exc:
+                    errors.append(f"list services of namespace {m.namespace or 'default'!r}: {exc}")
+                    found.update({k: u for k, u in rt.units.items() if u.source_service.namespace == m.namespace})
+                    continue
+            else:
+                services = [parse_service(m.namespace, m.service)]
+            found.update(self._units_for(rt, services, m))
+        added = [k for k in found if k not in rt.units]
+        rt.units = found
+        rt.discovery_error = "; ".join(errors)
+        for key in found:
+            self.states.setdefault(key, unit.UnitState())
+        return added
+
+    def _runtime_of(self, key: str) -> tuple[TaskRuntime, unit.Unit] | None:
+        task = key.split(":", 1)[0]
+        rt = self.tasks.get(task)
+        if rt is None or key not in rt.units:
+            return None
+        return rt, rt.units[key]
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            self._active += 1
+            try:
+                found = self._runtime_of(key)
+                if found is None:
+                    continue
+                rt, u = found
+                state = self.states.setdefault(key, unit.UnitState())
+                result = await unit.reconcile(u, rt.source, rt.dest, state, rt.policy, throttle=rt.bucket.take)
+                if not result.ok:
+                    delay = backoff(state.failures)
+                    log.warning("unit failed", extra={"unit": key, "error": result.error, "retry_in": delay})
+                    self.queue.mark(key, delay)
+                else:
+                    state.failures = 0
+                    if result.recheck_in is not None:
+                        self.queue.mark(key, result.recheck_in + 0.05)
+            except Exception:
+                log.exception("reconcile crashed", extra={"unit": key})
+                self.queue.mark(key, 5.0)
+            finally:
+                self._active -= 1
+                self.queue.done(key)
+
+    # ---- loops ---------------------------------------------------------------------
+    async def _pull_loop(self, rt: TaskRuntime, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for key in rt.units:
+                self.queue.mark(key)
+
+    async def _discovery_loop(self, rt: TaskRuntime) -> None:
+        if not any(m.service == "*" for m in rt.config.match):
+            return
+        while True:
+            await asyncio.sleep(self.discover_interval)
+            for key in await self._discover(rt):
+                self.queue.mark(key)
+
+    async def _watch_loop(self, rt: TaskRuntime) -> None:
+        failures = 0
+        while True:
+            services = [u.source_service for u in rt.units.values()]
+            namespaces = [m.namespace for m in rt.config.match if m.service == "*"]
+            try:
+                async for event in rt.source.watch(services, namespaces):
+                    failures = 0
+                    self._on_event(rt, event)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                delay = backoff(failures)
+                log.warning("watch failed", extra={"task": rt.config.name, "error": str(exc), "retry_in": delay})
+                await asyncio.sleep(delay)
+                for key in rt.units:  # we may have missed events: resync
+                    self.queue.mark(key)
+
+    def _on_event(self, rt: TaskRuntime, event: base.WatchEvent) -> None:
+        if event is None:
+            for key in rt.units:
+                self.queue.mark(key)
+            return
+        hits = [k for k, u in rt.units.items() if u.source_service == event]
+        if hits:
+            for key in hits:
+                self.queue.mark(key)
+            return
+        for m in rt.config.match:
+            if m.service == "*" and m.namespace == event.namespace:
+                new = self._units_for(rt, [event], m)
+                rt.units.update(new)
+                for key in new:
+                    self.states.setdefault(key, unit.UnitState())
+                    self.queue.mark(key)
+
+    async def _heartbeat_loop(self, rt: TaskRuntime) -> None:
+        while True:
+            for key, u in list(rt.units.items()):
+                state = self.states.get(key)
+                copies = [c for c in state.copies if c.ephemeral] if state else []
+                if copies:
+                    try:
+                        await rt.dest.heartbeat(u.dest_service, copies)
+                    except Exception as exc:
+                        log.warning("heartbeat failed", extra={"unit": key, "error": str(exc)})
+            await asyncio.sleep(self.heartbeat_interval)
+
+    # ---- removal -------------------------------------------------------------------
+    async def cleanup_task(self, cfg: models.TaskConfig) -> int:
+        """Delete every copy a removed task owns at its destination (its units as configured)."""
+        source = self.factory(endpoint_of(cfg.source))
+        dest = self.factory(endpoint_of(cfg.destination))
+        removed = 0
+        try:
+            await source.open()
+            await dest.open()
+            rt = TaskRuntime(cfg, source, dest, policy_of(cfg), ratelimit.TokenBucket(0))
+            await self._discover(rt)
+            owner = planner.Owner(cfg.name, cfg.source.name)
+            for u in rt.units.values():
+                self.states.pop(u.key, None)
+                try:
+                    listing = await dest.list_instances(u.dest_service)
+                except Exception as exc:
+                    log.warning("cleanup read failed", extra={"unit": u.key, "error": str(exc)})
+                    continue
+                p = planner.plan([], listing.instances, owner)
+                if p.deletes:
+                    ctx = base.ApplyContext(task=cfg.name, desired=(), groups=u.groups)
+                    outcomes = await dest.apply(u.dest_service, planner.Plan(deletes=p.deletes), ctx)
+                    removed += sum(1 for o in outcomes if o.ok)
+        finally:
+            await source.close()
+            await dest.close()
+        log.info("removed task cleaned up", extra={"task": cfg.name, "deleted": removed})
+        return removed
+
+    # ---- observation ---------------------------------------------------------------
+    def busy(self) -> bool:
+        return self._active > 0 or self.queue.pending() > 0
+
+    async def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until no unit is queued or running (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline:
+            quiet = quiet + 1 if not self.busy() else 0
+            if quiet >= 3:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    def status(self) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
+        for name, rt in sorted(self.tasks.items()):
+            for key, u in sorted(rt.units.items()):
+                s = self.states.get(key, unit.UnitState())
+                rows.append({
+                    "task": name, "service": str(u.source_service), "destination": str(u.dest_service),
+                    "source_instances": s.source_count, "in_sync": s.in_sync, "clashes": s.clashes,
+                    "skipped": s.skipped, "held_deletes": s.held_deletes, "outcome": s.outcome,
+                    "error": s.error or rt.discovery_error, "last_run": s.last_run, "last_ok": s.last_ok,
+                    "ops": dict(s.ops), "runs": s.runs,
+                })
+        return rows

@@ -1,0 +1,1 @@
+"""Ways to run the engine: the embedded single process (and, in cluster mode, the workers)."""
