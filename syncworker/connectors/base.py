@@ -92,6 +92,14 @@ class Connector(abc.ABC):
     def name(self) -> str:
         return self.endpoint.name
 
+    def representable(self, inst: model.Instance) -> model.Instance:
+        """`inst` as this system can store it (weights rounded to its resolution, say).
+
+        The law every connector keeps: listing what `apply` wrote gives back exactly
+        `representable(inst)`, so a copy never differs from its plan and never flaps.
+        """
+        return inst
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect or log in; called once before first use."""
 

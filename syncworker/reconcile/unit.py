@@ -83,7 +83,7 @@ async def reconcile(unit: Unit, source: base.Connector, dest: base.Connector, st
     except Exception as exc:  # an unmapped connector error is still a failed read
         return _failed(state, f"read failed, nothing changed: {type(exc).__name__}: {exc}", temporary=True)
 
-    want = desired_mod.desired(src.instances, unit.rules)
+    want = [dest.representable(i) for i in desired_mod.desired(src.instances, unit.rules)]
     owner = planner.Owner(unit.task, unit.rules.source)
     full = planner.plan(want, dst.instances, owner)
     owned = sum(1 for i in dst.instances if marks.owned_by(i, owner.task, owner.source))

@@ -5,16 +5,17 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from syncworker.sandbox import catalog
+from syncworker.sandbox import harness
+from syncworker.sandbox.peers.envoy import Envoy
 
 from .backend import running_backend, wait_for
 
 pytestmark = pytest.mark.peers
 
 
-def test_envoy_routes_to_backend_from_watched_files(peers) -> None:
+def test_envoy_routes_to_backend_from_watched_files(peers: harness.PeerPool) -> None:
     running = peers.get("envoy")
-    envoy = catalog.get("envoy")
+    envoy = Envoy()
     with running_backend("envoy-smoke", peers.alloc.one()) as backend:
         envoy.set_clusters(running, {"smoke": [("127.0.0.1", backend.port)]})
         envoy.set_routes(running, [("/", "smoke")])

@@ -7,6 +7,8 @@ import base64
 import httpx
 import pytest
 
+from syncworker.sandbox import harness
+
 pytestmark = pytest.mark.peers
 
 
@@ -14,7 +16,7 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def test_etcd_round_trip(peers) -> None:
+def test_etcd_round_trip(peers: harness.PeerPool) -> None:
     running = peers.get("etcd")
     url = running.endpoints["etcd"]
     key = _b64("/syncworker/smoke")

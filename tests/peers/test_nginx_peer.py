@@ -7,16 +7,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from syncworker.sandbox import base, catalog
+from syncworker.sandbox import base, harness
+from syncworker.sandbox.peers.nginx import Nginx
 
 from .backend import running_backend
 
 pytestmark = pytest.mark.peers
 
 
-def test_nginx_proxies_to_backend_after_reload(peers) -> None:
+def test_nginx_proxies_to_backend_after_reload(peers: harness.PeerPool) -> None:
     running = peers.get("nginx")
-    nginx = catalog.get("nginx")
+    nginx = Nginx()
     front_port = peers.alloc.one()
     with running_backend("nginx-smoke", peers.alloc.one()) as backend:
         nginx.apply_upstreams(
@@ -41,9 +42,9 @@ server {{
         assert [path for path, _ in backend.requests] == ["/some/path?x=1"]
 
 
-def test_nginx_rejects_invalid_upstreams_and_keeps_serving(peers) -> None:
+def test_nginx_rejects_invalid_upstreams_and_keeps_serving(peers: harness.PeerPool) -> None:
     running = peers.get("nginx")
-    nginx = catalog.get("nginx")
+    nginx = Nginx()
     upstreams = Path(str(running.extra["upstreams_path"]))
     before = upstreams.read_text()
     with pytest.raises(base.PeerError, match="nginx config check"):

@@ -5,16 +5,17 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from syncworker.sandbox import catalog
+from syncworker.sandbox import harness
+from syncworker.sandbox.peers.traefik import Traefik
 
 from .backend import running_backend, wait_for
 
 pytestmark = pytest.mark.peers
 
 
-def test_traefik_routes_to_backend_from_file_provider(peers) -> None:
+def test_traefik_routes_to_backend_from_file_provider(peers: harness.PeerPool) -> None:
     running = peers.get("traefik")
-    traefik = catalog.get("traefik")
+    traefik = Traefik()
     with running_backend("traefik-smoke", peers.alloc.one()) as backend:
         traefik.set_http_service(running, "smoke", [f"http://{backend.address}"])
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from kazoo.client import KazooClient
 
+from syncworker.sandbox import harness
+
 pytestmark = pytest.mark.peers
 
 
-def test_zookeeper_round_trip(peers) -> None:
+def test_zookeeper_round_trip(peers: harness.PeerPool) -> None:
     running = peers.get("zookeeper")
     client = KazooClient(hosts=running.endpoints["zookeeper"], timeout=10.0)
     client.start(timeout=15)
