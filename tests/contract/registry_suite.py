@@ -17,6 +17,9 @@ from syncworker import marks, model
 from syncworker.connectors import base
 from syncworker.reconcile import planner
 
+Loop = asyncio.AbstractEventLoop
+Conn = base.Connector
+
 
 def fresh_service(namespace: str, group: str = "") -> model.ServiceKey:
     return model.ServiceKey(namespace, group, f"contract-{uuid.uuid4().hex[:10]}")
@@ -49,11 +52,11 @@ class RegistryContract:
     def ctx(self) -> base.ApplyContext:
         return base.ApplyContext(task="contract-task")
 
-    def test_missing_service_lists_empty(self, loop: asyncio.AbstractEventLoop, connector: base.Connector, namespace: str) -> None:
+    def test_missing_service_lists_empty(self, loop: Loop, connector: Conn, namespace: str) -> None:
         listing = loop.run_until_complete(connector.list_instances(fresh_service(namespace, self.group)))
         assert listing.instances == ()
 
-    def test_write_then_read_gives_representable(self, loop: asyncio.AbstractEventLoop, connector: base.Connector, namespace: str) -> None:
+    def test_write_then_read_gives_representable(self, loop: Loop, connector: Conn, namespace: str) -> None:
         svc = fresh_service(namespace, self.group)
         wanted = [connector.representable(copy("127.0.0.11", 8080, weight=1.0)),
                   connector.representable(copy("127.0.0.12", 8081, weight=0.5, healthy=False,
@@ -71,12 +74,13 @@ class RegistryContract:
         assert again.empty, again
         loop.run_until_complete(connector.apply(svc, planner.Plan(deletes=tuple(listing.instances)), self.ctx()))
 
-    def test_update_and_delete(self, loop: asyncio.AbstractEventLoop, connector: base.Connector, namespace: str) -> None:
+    def test_update_and_delete(self, loop: Loop, connector: Conn, namespace: str) -> None:
         svc = fresh_service(namespace, self.group)
         owner = planner.Owner("contract-task", "contract-origin")
         first = [connector.representable(copy("127.0.0.21", 9000)),
                  connector.representable(copy("127.0.0.22", 9000))]
-        assert all(o.ok for o in loop.run_until_complete(connector.apply(svc, planner.plan(first, [], owner), self.ctx())))
+        done = loop.run_until_complete(connector.apply(svc, planner.plan(first, [], owner), self.ctx()))
+        assert all(o.ok for o in done)
         listing = loop.run_until_complete(wait_listing(connector, svc, lambda li: len(li.instances) == 2))
         second = [connector.representable(copy("127.0.0.21", 9000, weight=3.0, metadata={"version": "2"}))]
         p = planner.plan(second, listing.instances, owner)
@@ -89,7 +93,7 @@ class RegistryContract:
         listing = loop.run_until_complete(wait_listing(connector, svc, lambda li: not li.instances))
         assert listing.instances == ()
 
-    def test_list_services_finds_written_service(self, loop: asyncio.AbstractEventLoop, connector: base.Connector, namespace: str) -> None:
+    def test_list_services_finds_written_service(self, loop: Loop, connector: Conn, namespace: str) -> None:
         svc = fresh_service(namespace, self.group)
         inst = connector.representable(copy("127.0.0.31", 7000))
         loop.run_until_complete(connector.apply(svc, planner.Plan(creates=(inst,)), self.ctx()))
@@ -103,13 +107,13 @@ class RegistryContract:
         assert found, f"{svc} not listed in namespace {namespace!r}"
         loop.run_until_complete(connector.apply(svc, planner.Plan(creates=(), deletes=(inst,)), self.ctx()))
 
-    def test_weights_are_canonical(self, loop: asyncio.AbstractEventLoop, connector: base.Connector, namespace: str) -> None:
+    def test_weights_are_canonical(self, loop: Loop, connector: Conn, namespace: str) -> None:
         """Canonical 1.0 is the registry's default weight; a native at the default reads as 1.0."""
         assert connector.default_weight > 0
         inst = connector.representable(copy("127.0.0.41", 7100, weight=1.0))
         assert inst.weight == pytest.approx(1.0)
 
-    def test_unreachable_server_is_a_read_error(self, loop: asyncio.AbstractEventLoop, unreachable: base.Connector, namespace: str) -> None:
+    def test_unreachable_server_is_a_read_error(self, loop: Loop, unreachable: Conn, namespace: str) -> None:
         from syncworker import errors
 
         with pytest.raises(errors.ReadError):
