@@ -241,7 +241,7 @@ class DoubleServer:
 
             def _write(self, reply: Reply, *, head: bool) -> None:
                 headers = {**double.extra_headers(), **reply.headers}
-                if reply.body is None:
+                if reply.body is None or reply.status in (204, 304):
                     payload = b""
                 elif isinstance(reply.body, bytes):
                     payload = reply.body
@@ -257,7 +257,7 @@ class DoubleServer:
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                if payload and not head and reply.status not in (204, 304):
+                if payload and not head:
                     self.wfile.write(payload)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
