@@ -195,6 +195,32 @@ def sandbox_status() -> None:
     console.print(table)
 
 
+@sandbox_app.command("render")
+def sandbox_render(config: Path = typer.Argument(..., help="a task file whose endpoints name sandbox peers' types"),
+                   out: Path = typer.Option(..., "-o", "--out", help="where to write the rendered file")) -> None:
+    """Point a task file's endpoints at the running sandbox peers (same types), and write it as JSON."""
+    from syncworker.config import loader as config_loader
+
+    data, _ = config_loader.parse_text(config.read_text(), str(config))
+    state = _read_state()
+    for task in data.get("tasks", []):
+        for role in ("source", "destination"):
+            ep = task.get(role, {})
+            peer = next((state[n] for n in (ep.get("type"), f"{ep.get('type')}-auth") if n in state), None)
+            if peer is None:
+                continue
+            endpoints: dict[str, str] = peer["endpoints"]  # type: ignore[assignment]
+            creds: dict[str, str] = peer["credentials"]  # type: ignore[assignment]
+            ep["addresses"] = [endpoints.get("http") or next(iter(endpoints.values()))]
+            if "token" in creds:
+                ep["token"] = creds["token"]
+            if "username" in creds:
+                ep["user"], ep["password"] = creds["username"], creds.get("password", "")
+    config_loader.validate(data, str(out))
+    out.write_text(json.dumps(data, indent=2))
+    console.print(f"wrote {out}")
+
+
 def main() -> None:
     app()
 
