@@ -148,7 +148,6 @@ def sandbox_up(names: list[str] = typer.Argument(..., help="peers to start, e.g.
     """Install (once) and start peers on free loopback ports; print their addresses and credentials."""
     from syncworker.sandbox import base, harness
 
-    os.environ["SYNCWORKER_SANDBOX_CLI"] = "1"
     state = _read_state()
     pool = harness.PeerPool()
     for name in names:

@@ -33,6 +33,10 @@ from syncworker.sandbox import ports
 
 CACHE_ENV = "SYNCWORKER_PEER_CACHE"
 RUN_ENV = "SYNCWORKER_PEER_RUN"
+#: every peer process carries the id of the session that started it, so a leak check
+#: only ever looks at (and kills) its own session's processes
+SESSION_ENV = "SYNCWORKER_PEER_SESSION"
+SESSION_ID = os.environ.get(SESSION_ENV) or f"{os.getpid()}-{os.urandom(4).hex()}"
 
 
 class PeerError(RuntimeError):
@@ -244,6 +248,7 @@ def spawn(
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
+    full_env[SESSION_ENV] = SESSION_ID
     with open(log_path, "ab") as log:
         try:
             proc = subprocess.Popen(

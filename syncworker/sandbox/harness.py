@@ -65,16 +65,14 @@ def _proc_refs_run_root(pid_dir: Path, root: str) -> str | None:
 
 
 def leftover_processes() -> list[tuple[int, str]]:
-    """Live processes that belong to a run directory of this user's sandbox."""
+    """Live processes started by this session's peers (in a run directory, tagged with our session id)."""
     root = str(base.run_root())
     found = []
     me = os.getpid()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
-        if not base.pid_alive(int(entry.name)):
-            continue
-        if _sandbox_cli_owned(entry):
+        if not base.pid_alive(int(entry.name)) or not _ours(entry):
             continue
         cmd = _proc_refs_run_root(entry, root)
         if cmd:
@@ -82,11 +80,11 @@ def leftover_processes() -> list[tuple[int, str]]:
     return found
 
 
-def _sandbox_cli_owned(pid_dir: Path) -> bool:
-    """Peers started by `syncworker sandbox up` are meant to outlive a test session."""
+def _ours(pid_dir: Path) -> bool:
+    """Started in this session (peers of another test run or of `syncworker sandbox up` are not ours)."""
     with contextlib.suppress(OSError):
-        environ = (pid_dir / "environ").read_bytes()
-        return b"SYNCWORKER_SANDBOX_CLI=1" in environ
+        environ = (pid_dir / "environ").read_bytes().split(b"\0")
+        return f"{base.SESSION_ENV}={base.SESSION_ID}".encode() in environ
     return False
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from syncworker.sandbox.base import PeerError
+
 pytestmark = pytest.mark.peers
 
 SERVICE = "syncworker-smoke"
@@ -26,6 +28,14 @@ def _wait_for(check: Callable[[], Any], timeout: float = 15.0) -> Any:
         time.sleep(0.2)
 
 
+# The route in PEERS.md does not work here (see docs/testing.md): the build is attempted
+# on every run and must fail with PeerError; if the route ever opens, this xfail turns
+# into a failure (strict) and the marker must go.
+@pytest.mark.xfail(
+    raises=PeerError, strict=True,
+    reason="consul 1.16.4 (last MPL release): the Go module proxy refuses its source (403 'This module version "
+           "is not available'); 1.16.3 downloads but requires consul/envoyextensions and consul/troubleshoot, "
+           "which this workplace lists as not-to-use (licence)")
 def test_consul_register_read_deregister(peers) -> None:
     running = peers.get("consul")
     with httpx.Client(base_url=running.endpoints["http"], timeout=5.0) as client:
