@@ -30,6 +30,9 @@ class Capabilities:
     watch: bool = False
     batch_writes: bool = False
     needs_heartbeats: bool = False
+    #: a gateway: only healthy, enabled instances become targets, and a service's
+    #: groups (polaris-sync `groups`) become separate upstreams, one unit each
+    gateway: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +73,8 @@ class ApplyContext:
     task: str
     #: every copy the task wants for this service after the plan
     desired: tuple[model.Instance, ...] = ()
-    #: (group name, metadata selector, upstream name or "") from the task's match
-    groups: tuple[tuple[str, Mapping[str, str], str], ...] = ()
+    #: gateways: the upstream name the config asks for (polaris-sync `upstreamName`), or ""
+    upstream_name: str = ""
 
 
 #: a watch event: the service that changed, or None when the connector lost track

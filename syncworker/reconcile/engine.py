@@ -67,7 +67,8 @@ class TaskRuntime:
     def rules(self) -> desired.CopyRules:
         c = self.config
         return desired.CopyRules(task=c.name, source=c.source.name, destination=c.destination.name,
-                                 relay=c.relay, only_healthy=c.only_healthy)
+                                 relay=c.relay,
+                                 only_healthy=c.only_healthy or self.dest.capabilities.gateway)
 
 
 class Engine:
@@ -170,13 +171,22 @@ class Engine:
                    m: models.MatchConfig) -> dict[str, unit.Unit]:
         out: dict[str, unit.Unit] = {}
         rules = dataclasses.replace(rt.rules(), metadata_filter=dict(m.metadata))
-        groups = tuple((g.name, g.selector(), g.upstream_name) for g in m.groups)
         for svc in services:
-            dest_svc = model.ServiceKey(
-                m.dest_namespace if m.dest_namespace is not None else svc.namespace,
-                svc.group, m.dest_service or svc.name)
-            u = unit.Unit(rt.config.name, svc, dest_svc, rules, groups)
-            out[u.key] = u
+            ns = m.dest_namespace if m.dest_namespace is not None else svc.namespace
+            name = m.dest_service or svc.name
+            if not m.groups:
+                u = unit.Unit(rt.config.name, svc, model.ServiceKey(ns, svc.group, name), rules)
+                out[u.key] = u
+                continue
+            # polaris-sync groups: one upstream holding every instance, one per group
+            # holding the instances whose metadata matches; each is a unit of its own
+            full = f"{svc.group}__{name}" if svc.group else name
+            out.update({u.key: u for u in [unit.Unit(rt.config.name, svc, model.ServiceKey(ns, "", full), rules)]})
+            for g in m.groups:
+                sel = {**rules.metadata_filter, **g.selector()}
+                u = unit.Unit(rt.config.name, svc, model.ServiceKey(ns, g.name, full),
+                              dataclasses.replace(rules, metadata_filter=sel), g.upstream_name)
+                out[u.key] = u
         return out
 
     async def _discover(self, rt: TaskRuntime) -> list[str]:
@@ -320,7 +330,7 @@ class Engine:
                     continue
                 p = planner.plan([], listing.instances, owner)
                 if p.deletes:
-                    ctx = base.ApplyContext(task=cfg.name, desired=(), groups=u.groups)
+                    ctx = base.ApplyContext(task=cfg.name, desired=(), upstream_name=u.upstream_name)
                     outcomes = await dest.apply(u.dest_service, planner.Plan(deletes=p.deletes), ctx)
                     removed += sum(1 for o in outcomes if o.ok)
         finally:

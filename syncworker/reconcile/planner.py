@@ -60,13 +60,24 @@ def plan(desired: Iterable[model.Instance], actual: Iterable[model.Instance], ow
     wanted: dict[model.Address, model.Instance] = {}
     for inst in desired:
         wanted.setdefault(inst.address, inst)
+
+    def mine(inst: model.Instance) -> bool:
+        return marks.owned_by(inst, owner.task, owner.source)
+
+    # where a registry holds several records at one address (Nacos keys by ip, port and
+    # cluster), a record we do not own wins whatever the listing order: it is the one we
+    # compare with, and ours there are extra
     held: dict[model.Address, model.Instance] = {}
     duplicates: list[model.Instance] = []
     for inst in actual:
-        if inst.address in held:
-            duplicates.append(inst)
-        else:
+        have = held.get(inst.address)
+        if have is None:
             held[inst.address] = inst
+        elif mine(have) and not mine(inst):
+            held[inst.address] = inst
+            duplicates.append(have)
+        else:
+            duplicates.append(inst)
 
     creates: list[model.Instance] = []
     updates: list[Update] = []
@@ -76,15 +87,16 @@ def plan(desired: Iterable[model.Instance], actual: Iterable[model.Instance], ow
         have = held.get(address)
         if have is None:
             creates.append(want)
-        elif not marks.owned_by(have, owner.task, owner.source):
+        elif not mine(have):
             clashes.append(have)
         elif not same_copy(have, want):
             updates.append(Update(old=have, new=want.replace(native_id=have.native_id)))
     for address, have in sorted(held.items()):
-        if address not in wanted and marks.owned_by(have, owner.task, owner.source):
+        if address not in wanted and mine(have):
             deletes.append(have)
-    # a second record of ours at one address (left by a crash between two writes) goes
-    deletes.extend(d for d in duplicates if marks.owner(d.metadata) == owner.task)
+    # a second record of ours at one address (left by a crash between two writes, or an
+    # adopted polaris-sync copy next to our own) goes
+    deletes.extend(d for d in duplicates if mine(d))
     return Plan(tuple(creates), tuple(updates), tuple(deletes), tuple(clashes))
 
 

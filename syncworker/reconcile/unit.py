@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from syncworker import errors, marks, model
 from syncworker.connectors import base
@@ -23,11 +23,13 @@ class Unit:
     source_service: model.ServiceKey
     dest_service: model.ServiceKey
     rules: desired_mod.CopyRules
-    groups: tuple[tuple[str, Mapping[str, str], str], ...] = ()
+    #: gateways: the upstream name asked for in the config ("" lets the connector choose)
+    upstream_name: str = ""
 
     @property
     def key(self) -> str:
-        return f"{self.task}:{self.source_service}"
+        group = f"#{self.dest_service.group}" if self.dest_service.group != self.source_service.group else ""
+        return f"{self.task}:{self.source_service}{group}"
 
 
 @dataclasses.dataclass
@@ -98,7 +100,7 @@ async def reconcile(unit: Unit, source: base.Connector, dest: base.Connector, st
     outcomes: list[base.Outcome] = []
     if apply and not p.empty:
         await throttle(len(p.creates) + len(p.updates) + len(p.deletes))
-        ctx = base.ApplyContext(task=unit.task, desired=tuple(want), groups=unit.groups)
+        ctx = base.ApplyContext(task=unit.task, desired=tuple(want), upstream_name=unit.upstream_name)
         try:
             outcomes = await dest.apply(unit.dest_service, p, ctx)
         except errors.SyncError as exc:
