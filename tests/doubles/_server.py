@@ -206,6 +206,12 @@ class DoubleServer:
             server_version = double.server_name
             sys_version = ""
 
+            def setup(self) -> None:
+                super().setup()
+                # headers and body go out in two writes; without this, delayed ACKs cost ~40 ms a request
+                with contextlib.suppress(OSError):
+                    self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def _read_body(self) -> bytes:
                 if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
                     chunks = []
