@@ -22,6 +22,8 @@ class DirtyQueue:
         self._rerun: set[str] = set()
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._delayed: list[tuple[float, int, str]] = []
+        #: key -> when its one live delayed mark is due (older heap entries are stale)
+        self._due: dict[str, float] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self.marks = 0
@@ -30,7 +32,12 @@ class DirtyQueue:
     def mark(self, key: str, delay: float = 0.0) -> None:
         self.marks += 1
         if delay > 0:
-            heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), key))
+            due = time.monotonic() + delay
+            if self._due.get(key, due + 1) <= due:
+                self.coalesced += 1
+                return
+            self._due[key] = due
+            heapq.heappush(self._delayed, (due, next(self._seq), key))
             self._wake.set()
             return
         if key in self._running:
@@ -57,7 +64,7 @@ class DirtyQueue:
             self.mark(key)
 
     def pending(self) -> int:
-        return len(self._queued) + len(self._rerun) + len(self._delayed)
+        return len(self._queued) + len(self._rerun) + len(self._due)
 
     def running(self, key: str) -> bool:
         return key in self._running
@@ -67,7 +74,10 @@ class DirtyQueue:
         while True:
             now = time.monotonic()
             while self._delayed and self._delayed[0][0] <= now:
-                _, _, key = heapq.heappop(self._delayed)
+                due, _, key = heapq.heappop(self._delayed)
+                if self._due.get(key) != due:
+                    continue  # superseded by an earlier mark
+                del self._due[key]
                 self.mark(key)
             timeout = self._delayed[0][0] - now if self._delayed else None
             self._wake.clear()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 
@@ -49,8 +50,15 @@ def policy_of(task: models.TaskConfig) -> safety.Policy:
                          ratio_grace=models.parse_duration(s.ratio_grace))
 
 
+#: retry delays double from 0.5 s up to this cap; a peer back from an outage gets the
+#: current state within one cap (the gateways' "within 10 s of coming back")
+MAX_BACKOFF = 5.0
+
+
 def backoff(failures: int) -> float:
-    return min(30.0, 0.5 * 2 ** max(0, failures - 1))
+    """Exponential backoff with +-20 % jitter, so units failing together do not retry in lockstep."""
+    base = min(MAX_BACKOFF, 0.5 * 2 ** max(0, failures - 1))
+    return base * random.uniform(0.8, 1.2)
 
 
 @dataclasses.dataclass
