@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -112,15 +111,15 @@ def run(config: Path | None = ConfigOpt,
     path = _config_path(config)
     _load_or_exit(path)
     show = sys.stdout.isatty() if live is None else live
+    kwargs = {"workers": st.workers, "reload_interval": st.reload_interval, "report_file": st.report_file,
+              "status_port": st.status_port}
     try:
         if show:
             with Live(_status_table([]), console=console, refresh_per_second=2) as view:
-                asyncio.run(embedded.run(path, st.backup_path(path), workers=st.workers,
-                                         reload_interval=st.reload_interval, report_file=st.report_file,
+                asyncio.run(embedded.run(path, st.backup_path(path), **kwargs,  # type: ignore[arg-type]
                                          status_sink=lambda rows: view.update(_status_table(rows))))
         else:
-            asyncio.run(embedded.run(path, st.backup_path(path), workers=st.workers,
-                                     reload_interval=st.reload_interval, report_file=st.report_file))
+            asyncio.run(embedded.run(path, st.backup_path(path), **kwargs))  # type: ignore[arg-type]
     except errors.ConfigError as exc:
         err.print(f"[red]config rejected[/red]: {exc}")
         raise typer.Exit(2) from None

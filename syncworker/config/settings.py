@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("text", validation_alias=_env("LOG_FORMAT"))
     workers: int = Field(16, ge=1, validation_alias=_env("WORKERS"))
     reload_interval: float = Field(1.0, gt=0, validation_alias=_env("RELOAD_INTERVAL"))
+    #: the /status, /metrics and /healthz endpoint on 127.0.0.1 (unset: off; 0: any free port)
+    status_port: int | None = Field(None, ge=0, le=65535, validation_alias=_env("STATUS_PORT"))
     zookeeper: str = Field("127.0.0.1:2181", validation_alias=_env("ZOOKEEPER"))
     redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), validation_alias=_env("REDIS_URL"))
 

@@ -22,6 +22,7 @@ from syncworker.config import models
 from syncworker.connectors import registry
 from syncworker.reconcile import engine as engine_mod
 from syncworker.runtime import provider as provider_mod
+from syncworker.runtime import status_http
 
 log = logging.getLogger("syncworker.run")
 
@@ -46,7 +47,8 @@ def write_report(path: Path, rows: list[dict[str, object]]) -> None:
 
 async def run(config_path: str, backup_path: str, *, workers: int = 16, reload_interval: float = 1.0,
               report_file: str = "", status_sink: StatusSink | None = None,
-              status_interval: float = 1.0, stop_event: asyncio.Event | None = None) -> None:
+              status_interval: float = 1.0, stop_event: asyncio.Event | None = None,
+              status_port: int | None = None) -> None:
     prov = provider_mod.FileProvider(config_path, backup_path)
     config = prov.load_initial()
     previous = prov.previous()
@@ -61,6 +63,11 @@ async def run(config_path: str, backup_path: str, *, workers: int = 16, reload_i
         log.info("tasks removed while stopped were cleaned up", extra={"tasks": cleaned})
     await eng.start(config)
     prov.save_backup()
+    server = None
+    if status_port is not None:
+        server = status_http.StatusServer(eng.status, port=status_port)
+        port = await server.start()
+        log.info("status endpoint", extra={"url": f"http://127.0.0.1:{port}/status", "metrics": "/metrics"})
     log.info("running", extra={"config": config_path, "tasks": [t.name for t in config.enabled_tasks()]})
     report_every = models.parse_duration(config.report.interval) if config.report.targets else 0.0
     reporting = report_file and any(t.enable and t.type == "file" for t in config.report.targets)
@@ -83,5 +90,7 @@ async def run(config_path: str, backup_path: str, *, workers: int = 16, reload_i
                 write_report(Path(report_file), eng.status())
                 last_report = now
     finally:
+        if server is not None:
+            await server.stop()
         await eng.stop()
         log.info("stopped; copies left in place")
