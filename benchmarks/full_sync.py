@@ -1,0 +1,113 @@
+"""Benchmark 1 and 3: initial full sync Nacos -> Polaris, against the raw write limit.
+
+    python -m benchmarks.full_sync [--services 1000] [--instances 10]
+
+1. Starts real Nacos and Polaris from the sandbox and registers S services x N
+   native instances in Nacos.
+2. The limit: writes the same records (as copies, marks included) straight into
+   Polaris through the same connector and the same OpenAPI, with no engine (no
+   reads, no planning), 16 services at a time (the engine's default concurrency),
+   into namespace `bench-raw`.
+3. The engine: `syncworker run` in a child process syncs namespace public `*`
+   into Polaris namespace `bench-engine`; the wall time runs from the spawn of
+   the child to the moment its /status shows every unit converged.
+4. CPU seconds and peak RSS of that child during the sync, then at rest for 30 s.
+Prints a JSON summary (and appends it to benchmarks/results.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common
+from syncworker import marks, model
+
+
+def records(services: int, instances: int, prefix: str) -> dict[model.ServiceKey, list[model.Instance]]:
+    out = {}
+    for i in range(services):
+        svc = model.ServiceKey("", "", f"{prefix}-{i:04d}")
+        out[svc] = [model.Instance(host=f"127.1.{i // 250}.{i % 250 + 1}", port=20000 + j, weight=1.0,
+                                   metadata={"version": "1.0.0", "idx": str(j)}) for j in range(instances)]
+    return out
+
+
+def as_copies(recs: dict[model.ServiceKey, list[model.Instance]], ns: str, task: str, origin: str, conn
+              ) -> dict[model.ServiceKey, list[model.Instance]]:  # type: ignore[no-untyped-def]
+    return {model.ServiceKey(ns, s.group, s.name): [conn.representable(marks.stamp(i, task, origin)) for i in insts]
+            for s, insts in recs.items()}
+
+
+async def main(services: int, instances: int, rest: float) -> dict[str, object]:
+    pool, peers = common.start_peers(["nacos", "polaris"])
+    try:
+        nacos_ep = common.endpoint("nacos1", "nacos", peers["nacos"])
+        polaris_ep = common.endpoint("polaris1", "polaris", peers["polaris"])
+        nacos, polaris = common.connector(nacos_ep), common.connector(polaris_ep)
+        await nacos.open()
+        await polaris.open()
+        recs = records(services, instances, "bench")
+        seed = await common.write_all(nacos, recs)
+        raw = await common.write_all(polaris, as_copies(recs, "bench-raw", "bench-raw", "nacos1", polaris))
+        config = {
+            "tasks": [{"name": "bench-nacos-to-polaris", "source": nacos_ep, "destination": polaris_ep,
+                       "match": [{"namespace": "", "service": "*", "dest_namespace": "bench-engine"}]}],
+            "methods": [{"type": "watch", "enable": True}, {"type": "pull", "enable": True, "interval": "600s"}],
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            child = common.ChildRun(config, Path(tmp), pool.alloc.one())
+            want = services * instances
+            synced = 0
+            wall = None
+            deadline = time.perf_counter() + 1800
+            try:
+                while time.perf_counter() < deadline:
+                    rows = child.status() or []
+                    bench_rows = [r for r in rows if str(r["service"]).split("/")[-1].startswith("bench-")]
+                    synced = sum(int(r["in_sync"]) for r in bench_rows)
+                    if synced >= want and all(r["outcome"] == "ok" for r in bench_rows):
+                        wall = time.perf_counter() - child.started
+                        break
+                    await asyncio.sleep(0.1)
+                cpu_sync = child.cpu_seconds()
+                mem_sync = child.memory()
+                await asyncio.sleep(rest)
+                cpu_rest = child.cpu_seconds() - cpu_sync
+                mem_rest = child.memory()
+            finally:
+                child.stop()
+        # the copies really are at the destination
+        sample = [model.ServiceKey("bench-engine", "", f"bench-{i:04d}") for i in (0, services // 2, services - 1)]
+        counts = [len((await polaris.list_instances(s)).instances) for s in sample]
+        await nacos.close()
+        await polaris.close()
+    finally:
+        pool.stop_all()
+    return {
+        "benchmark": "full_sync", "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+        "cpus": __import__("os").cpu_count(), "services": services, "instances_per_service": instances,
+        "seed_nacos_s": round(seed, 2), "raw_polaris_write_s": round(raw, 2),
+        "engine_full_sync_s": round(wall, 2) if wall else None, "synced": synced,
+        "ratio_engine_to_raw": round(wall / raw, 2) if wall else None,
+        "engine_cpu_s_during_sync": round(cpu_sync, 2), "engine_peak_rss_mb": round(mem_sync.get("VmHWM", 0), 1),
+        "engine_cpu_s_at_rest": round(cpu_rest, 2), "rest_window_s": rest,
+        "engine_rss_at_rest_mb": round(mem_rest.get("VmRSS", 0), 1), "sample_counts": counts,
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--instances", type=int, default=10)
+    ap.add_argument("--rest", type=float, default=30.0)
+    args = ap.parse_args()
+    result = asyncio.run(main(args.services, args.instances, args.rest))
+    print(json.dumps(result, indent=2))
+    with open(Path(__file__).with_name("results.jsonl"), "a") as fh:
+        fh.write(json.dumps(result) + "\n")
