@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from syncworker.sandbox import base
+
 pytestmark = pytest.mark.peers
 
 OK = 200000
@@ -24,8 +26,8 @@ EXISTED = 400201
 UNAUTHORIZED = 401001
 
 
-def _client(running: Any) -> httpx.Client:
-    headers = {}
+def _client(running: base.Running) -> httpx.Client:
+    headers: dict[str, str] = {}
     if running.credentials.get("token"):
         headers["X-Polaris-Token"] = running.credentials["token"]
     return httpx.Client(base_url=running.endpoints["http"], headers=headers, timeout=10.0)
@@ -92,10 +94,14 @@ def _round_trip(client: httpx.Client) -> None:
 
     # Client Discover API: the service revision changes with the instance list, and a
     # request carrying the current revision gets 200001 "no change" and no instances.
+    # A just-created service is "not found" (400202) there until the service cache catches up.
     discover = {"type": "INSTANCE", "service": {"name": service, "namespace": "default"}}
-    resp = client.post("/v1/Discover", json=discover)
-    assert resp.status_code == 200, resp.text
-    first = resp.json()
+
+    def discover_now() -> dict[str, Any]:
+        result: dict[str, Any] = client.post("/v1/Discover", json=discover).json()
+        return result
+
+    first = _eventually(discover_now, lambda b: b["code"] == OK and len(b["instances"]) == 1)
     assert first["code"] == OK and [i["id"] for i in first["instances"]] == [instance_id], first
     revision = first["service"]["revision"]
     same = client.post("/v1/Discover", json={**discover, "service": {**discover["service"], "revision": revision}})
