@@ -46,8 +46,9 @@ class Instance:
     native_id: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.metadata, MappingProxyType):
-            object.__setattr__(self, "metadata", freeze(self.metadata))
+        # always re-freeze: a read-only mapping handed in may be unsorted, and the hash
+        # (metadata items in order) must agree with == (order-insensitive)
+        object.__setattr__(self, "metadata", freeze(self.metadata))
 
     @property
     def address(self) -> Address:

@@ -120,8 +120,10 @@ class Engine:
         changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "kept": []}
         for name, cfg in old.items():
             if name not in new:
+                known = list(self.tasks[name].units.values())
                 await self._stop_task(name)
-                await self.cleanup_task(cfg)
+                # the units it ran, so a source that cannot list its services now still gets cleaned
+                await self._cleanup_units(cfg, known)
                 changes["removed"].append(name)
         self.config = config
         for name, cfg in new.items():
@@ -129,10 +131,17 @@ class Engine:
                 changes["kept"].append(name)
                 continue
             if name in old:
+                before = list(self.tasks[name].units.values())
                 await self._stop_task(name)
                 changes["changed"].append(name)
-            else:
-                changes["added"].append(name)
+                await self._start_task(cfg)
+                same_dest = endpoint_of(old[name].destination) == endpoint_of(cfg.destination)
+                kept = {u.dest_service for u in self.tasks[name].units.values()} if same_dest else set()
+                orphans = [u for u in before if u.dest_service not in kept]
+                if orphans:
+                    await self._cleanup_units(old[name], orphans)
+                continue
+            changes["added"].append(name)
             await self._start_task(cfg)
         log.info("config applied", extra={"changes": changes})
         return changes
@@ -213,18 +222,28 @@ class Engine:
                 services = [parse_service(m.namespace, m.service)]
             found.update(self._units_for(rt, services, m))
         added = [k for k in found if k not in rt.units]
+        # a service that is no longer listed keeps its unit until its copies are gone
+        # (the empty-source grace still applies to them)
+        for key, u in rt.units.items():
+            if key not in found and self._still_has_copies(key):
+                found[key] = u
         rt.units = found
         rt.discovery_error = "; ".join(errors)
         for key in found:
             self.states.setdefault(key, unit.UnitState())
         return added
 
+    def _still_has_copies(self, key: str) -> bool:
+        s = self.states.get(key)
+        if s is None:
+            return False
+        return s.runs == 0 or s.outcome != "ok" or s.held_deletes > 0 or s.in_sync > 0
+
     def _runtime_of(self, key: str) -> tuple[TaskRuntime, unit.Unit] | None:
-        task = key.split(":", 1)[0]
-        rt = self.tasks.get(task)
-        if rt is None or key not in rt.units:
-            return None
-        return rt, rt.units[key]
+        for rt in self.tasks.values():
+            if key in rt.units:
+                return rt, rt.units[key]
+        return None
 
     async def _worker(self) -> None:
         while True:
@@ -321,15 +340,23 @@ class Engine:
     async def cleanup_task(self, cfg: models.TaskConfig) -> int:
         """Delete every copy a removed task owns at its destination (its units as configured)."""
         source = self.factory(endpoint_of(cfg.source))
-        dest = self.factory(endpoint_of(cfg.destination))
-        removed = 0
         try:
             await source.open()
-            await dest.open()
-            rt = TaskRuntime(cfg, source, dest, policy_of(cfg), ratelimit.TokenBucket(0))
+            rt = TaskRuntime(cfg, source, self.factory(endpoint_of(cfg.destination)), policy_of(cfg),
+                             ratelimit.TokenBucket(0))
             await self._discover(rt)
-            owner = planner.Owner(cfg.name, cfg.source.name)
-            for u in rt.units.values():
+        finally:
+            await source.close()
+        return await self._cleanup_units(cfg, list(rt.units.values()))
+
+    async def _cleanup_units(self, cfg: models.TaskConfig, units: Sequence[unit.Unit]) -> int:
+        """Delete the copies `cfg`'s task owns under these units' destination services."""
+        dest = self.factory(endpoint_of(cfg.destination))
+        owner = planner.Owner(cfg.name, cfg.source.name)
+        removed = 0
+        try:
+            await dest.open()
+            for u in units:
                 self.states.pop(u.key, None)
                 try:
                     listing = await dest.list_instances(u.dest_service)
@@ -342,9 +369,8 @@ class Engine:
                     outcomes = await dest.apply(u.dest_service, planner.Plan(deletes=p.deletes), ctx)
                     removed += sum(1 for o in outcomes if o.ok)
         finally:
-            await source.close()
             await dest.close()
-        log.info("removed task cleaned up", extra={"task": cfg.name, "deleted": removed})
+        log.info("copies of a removed task or unit cleaned up", extra={"task": cfg.name, "deleted": removed})
         return removed
 
     # ---- observation ---------------------------------------------------------------
