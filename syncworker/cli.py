@@ -165,6 +165,33 @@ def sandbox_up(names: list[str] = typer.Argument(..., help="peers to start, e.g.
     sandbox_status()
 
 
+@sandbox_app.command("install")
+def sandbox_install(names: list[str] = typer.Argument(None, help="peers to install (default: all)"),
+                    keep_going: bool = typer.Option(False, help="report a failed install and go on")) -> None:
+    """Install or build peers once into the cache (~/.cache/syncworker-peers), one after another."""
+    from syncworker.sandbox import base, catalog
+
+    failed = []
+    for name in names or sorted(catalog.PEERS):
+        peer = catalog.get(name)
+        if peer.installed():
+            console.print(f"{name} {peer.version}: cached")
+            continue
+        console.print(f"{name} {peer.version}: installing ...")
+        t0 = time.monotonic()
+        try:
+            peer.install()
+        except base.PeerError as exc:
+            failed.append(name)
+            err.print(f"[red]{name}: install failed[/red]: {exc}")
+            if not keep_going:
+                raise typer.Exit(1) from None
+            continue
+        console.print(f"{name} {peer.version}: installed in {time.monotonic() - t0:.0f}s")
+    if failed:
+        err.print(f"install failed for: {', '.join(failed)} (their tests will report why)")
+
+
 @sandbox_app.command("down")
 def sandbox_down() -> None:
     """Stop every peer the sandbox started."""
