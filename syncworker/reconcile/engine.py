@@ -21,33 +21,16 @@ from collections.abc import Callable, Sequence
 from syncworker import model
 from syncworker.config import models
 from syncworker.connectors import base
-from syncworker.reconcile import desired, dirtyqueue, planner, ratelimit, safety, unit
+from syncworker.reconcile import dirtyqueue, planner, ratelimit, safety, unit, units
 
 log = logging.getLogger("syncworker.engine")
 
-DEFAULT_GROUP = "DEFAULT_GROUP"
 ConnectorFactory = Callable[[base.Endpoint], base.Connector]
 
-
-def parse_service(namespace: str, service: str) -> model.ServiceKey:
-    """polaris-sync's `GROUP__name` service form; no prefix or DEFAULT_GROUP means the default group."""
-    group, sep, name = service.partition("__")
-    if not sep:
-        return model.ServiceKey(namespace, "", service)
-    return model.ServiceKey(namespace, "" if group == DEFAULT_GROUP else group, name)
-
-
-def endpoint_of(cfg: models.EndpointConfig) -> base.Endpoint:
-    return base.Endpoint(name=cfg.name, type=cfg.type, addresses=tuple(cfg.addresses),
-                         token=cfg.token.get_secret_value(), user=cfg.user,
-                         password=cfg.password.get_secret_value(), options=dict(cfg.options))
-
-
-def policy_of(task: models.TaskConfig) -> safety.Policy:
-    s = task.safety
-    return safety.Policy(empty_grace=models.parse_duration(s.empty_grace),
-                         max_delete_ratio=s.max_delete_ratio,
-                         ratio_grace=models.parse_duration(s.ratio_grace))
+# kept here for callers that know them as engine functions
+parse_service = units.parse_service
+endpoint_of = units.endpoint_of
+policy_of = units.policy_of
 
 
 #: retry delays double from 0.5 s up to this cap; a peer back from an outage gets the
@@ -72,11 +55,6 @@ class TaskRuntime:
     loops: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
     discovery_error: str = ""
 
-    def rules(self) -> desired.CopyRules:
-        c = self.config
-        return desired.CopyRules(task=c.name, source=c.source.name, destination=c.destination.name,
-                                 relay=c.relay,
-                                 only_healthy=c.only_healthy or self.dest.capabilities.gateway)
 
 
 class Engine:
@@ -186,41 +164,11 @@ class Engine:
     # ---- units ---------------------------------------------------------------------
     def _units_for(self, rt: TaskRuntime, services: Sequence[model.ServiceKey],
                    m: models.MatchConfig) -> dict[str, unit.Unit]:
-        out: dict[str, unit.Unit] = {}
-        rules = dataclasses.replace(rt.rules(), metadata_filter=dict(m.metadata))
-        for svc in services:
-            ns = m.dest_namespace if m.dest_namespace is not None else svc.namespace
-            name = m.dest_service or svc.name
-            if not m.groups:
-                u = unit.Unit(rt.config.name, svc, model.ServiceKey(ns, svc.group, name), rules)
-                out[u.key] = u
-                continue
-            # polaris-sync groups: one upstream holding every instance, one per group
-            # holding the instances whose metadata matches; each is a unit of its own
-            full = f"{svc.group}__{name}" if svc.group else name
-            out.update({u.key: u for u in [unit.Unit(rt.config.name, svc, model.ServiceKey(ns, "", full), rules)]})
-            for g in m.groups:
-                sel = {**rules.metadata_filter, **g.selector()}
-                u = unit.Unit(rt.config.name, svc, model.ServiceKey(ns, g.name, full),
-                              dataclasses.replace(rules, metadata_filter=sel), g.upstream_name)
-                out[u.key] = u
-        return out
+        return units.units_for(rt.config, rt.dest.capabilities, services, m)
 
     async def _discover(self, rt: TaskRuntime) -> list[str]:
         """(Re)build the unit list; a failed listing keeps the units known so far."""
-        found: dict[str, unit.Unit] = {}
-        errors: list[str] = []
-        for m in rt.config.match:
-            if m.service == "*":
-                try:
-                    services = list(await rt.source.list_services(m.namespace))
-                except Exception as exc:
-                    errors.append(f"list services of namespace {m.namespace or 'default'!r}: {exc}")
-                    found.update({k: u for k, u in rt.units.items() if u.source_service.namespace == m.namespace})
-                    continue
-            else:
-                services = [parse_service(m.namespace, m.service)]
-            found.update(self._units_for(rt, services, m))
+        found, errors = await units.discover(rt.config, rt.source, rt.dest.capabilities, rt.units)
         added = [k for k in found if k not in rt.units]
         # a service that is no longer listed keeps its unit until its copies are gone
         # (the empty-source grace still applies to them)
