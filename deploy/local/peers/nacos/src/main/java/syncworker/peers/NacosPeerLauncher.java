@@ -33,6 +33,10 @@ public final class NacosPeerLauncher {
         if (deploymentType != DeploymentType.MERGED && deploymentType != DeploymentType.SERVER) {
             throw new IllegalArgumentException("unsupported nacos.deployment.type for the sandbox: " + type);
         }
+        // The console's in-process handlers are @ConditionalOnProperty(nacos.deployment.type=merged):
+        // without the property in the environment the console context fails (no HealthHandler bean)
+        // and, closing, shuts down thread pools the server context shares.
+        System.setProperty("nacos.deployment.type", deploymentType.getTypeName());
         EnvUtil.setDeploymentType(deploymentType);
 
         NacosStartUpManager.start(NacosStartUp.CORE_START_UP_PHASE);
