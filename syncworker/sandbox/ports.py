@@ -65,22 +65,33 @@ class PortAllocator:
             fh.write(str(os.getpid()))
         return True
 
-    def take(self, count: int = 1, *, consecutive: bool = False) -> list[int]:
-        """Return `count` free ports; with `consecutive`, ports p, p+1, ... (some servers derive ports)."""
+    def take_offsets(self, offsets: tuple[int, ...]) -> list[int]:
+        """Ports p+o for every offset o, all free and all reserved (servers that derive ports from one)."""
+        low, high = LOW - min(0, min(offsets)), HIGH - max(0, max(offsets))
         for _ in range(2000):
-            base = self._rng.randrange(LOW, HIGH - count)
-            candidates = list(range(base, base + count)) if consecutive else [base]
+            base = self._rng.randrange(low, high)
+            candidates = [base + o for o in offsets]
             if any(p in self._given or not _bindable(p) for p in candidates):
                 continue
-            if not all(self._reserve(p) for p in candidates):
+            reserved = []
+            for p in candidates:
+                if not self._reserve(p):
+                    break
+                reserved.append(p)
+            if len(reserved) < len(candidates):
+                for p in reserved:
+                    with contextlib.suppress(OSError):
+                        (self._dir / str(p)).unlink()
                 continue
             self._given.update(candidates)
-            if consecutive:
-                return candidates
-            if count == 1:
-                return candidates
-            return candidates + self.take(count - 1)
-        raise RuntimeError("no free loopback port found after 2000 tries")
+            return candidates
+        raise RuntimeError(f"no free loopback ports at offsets {offsets} after 2000 tries")
+
+    def take(self, count: int = 1, *, consecutive: bool = False) -> list[int]:
+        """Return `count` free ports; with `consecutive`, ports p, p+1, ... (some servers derive ports)."""
+        if consecutive:
+            return self.take_offsets(tuple(range(count)))
+        return [self.take_offsets((0,))[0] for _ in range(count)]
 
     def one(self) -> int:
         return self.take(1)[0]

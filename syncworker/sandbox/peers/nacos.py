@@ -12,7 +12,7 @@ Derby in a fresh nacos.home.
 Ports. Nacos derives three ports from the main HTTP port P (nacos.server.main.port)
 with fixed offsets that 3.1 does not let a server change: gRPC for clients P+1000,
 gRPC between servers P+1001, and JRaft P-1000 (opened even in standalone mode). So
-P is drawn from the allocator until all four are free on 127.0.0.1. The console
+the allocator reserves P with all three (`take_offsets`). The console
 (nacos.console.port) gets its own port.
 
 Auth on (`NacosAuth`): nacos.core.auth.enabled/admin.enabled/console.enabled, a
@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import os
 import secrets
-import socket
 import time
 from pathlib import Path
 
@@ -45,39 +44,12 @@ DERIVED_OFFSETS = (1000, 1001, -1000)
 MVN_HINT = "install Maven and a JDK 17: apt-get install -y maven openjdk-17-jdk-headless"
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range; derived ports must stay below it."""
+def allocate_main_port(alloc: ports.PortAllocator) -> int:
+    """A main port P reserved together with P+1000, P+1001 and P-1000 (all below 32000)."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def allocate_main_port(alloc: ports.PortAllocator, tries: int = 200) -> int:
-    """A main port P from the allocator such that P+1000, P+1001 and P-1000 are free as well.
-
-    The derived ports are checked, not reserved: the allocator has no call for "P and
-    P+N". Nacos binds them itself a few seconds later, after which nothing can take them.
-    """
-    limit = _ephemeral_low()
-    for _ in range(tries):
-        port = alloc.one()
-        derived = [port + off for off in DERIVED_OFFSETS]
-        if min(derived) < 1024 or max(derived) >= limit:
-            continue
-        if all(_bindable(p) for p in derived):
-            return port
-    raise base.PeerError(f"nacos: no main port P with P+1000, P+1001 and P-1000 free after {tries} tries")
+        return alloc.take_offsets((0, *DERIVED_OFFSETS))[0]
+    except RuntimeError as exc:
+        raise base.PeerError(f"nacos: {exc}") from exc
 
 
 def _java() -> str:
