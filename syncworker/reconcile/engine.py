@@ -44,6 +44,13 @@ def backoff(failures: int) -> float:
     return base * random.uniform(0.8, 1.2)
 
 
+def still_has_copies(state: unit.UnitState | None) -> bool:
+    """Whether a unit whose service is no longer listed may still have copies to converge."""
+    if state is None:
+        return False
+    return state.runs == 0 or state.outcome != "ok" or state.held_deletes > 0 or state.in_sync > 0
+
+
 @dataclasses.dataclass
 class TaskRuntime:
     config: models.TaskConfig
@@ -91,15 +98,22 @@ class Engine:
         self._loops.clear()
 
     async def apply_config(self, config: models.RegistryConfig) -> dict[str, list[str]]:
-        """Start new tasks, restart changed ones, stop and clean up removed ones; keep the rest."""
+        """Start new tasks, restart changed ones, stop and clean up removed ones; keep the rest.
+
+        A task set to `enable: false` is stopped and its copies stay (a pause); a task
+        that is gone from the config has its copies deleted.
+        """
         new = {t.name: t for t in config.enabled_tasks()}
         old = {name: rt.config for name, rt in self.tasks.items()}
         methods_changed = config.methods != self.config.methods
-        changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "kept": []}
+        changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "disabled": [], "kept": []}
         for name, cfg in old.items():
             if name not in new:
                 known = list(self.tasks[name].units.values())
                 await self._stop_task(name)
+                if any(t.name == name for t in config.tasks):
+                    changes["disabled"].append(name)  # paused: its copies stay
+                    continue
                 # the units it ran, so a source that cannot list its services now still gets cleaned
                 await self._cleanup_units(cfg, known)
                 changes["removed"].append(name)
@@ -182,10 +196,7 @@ class Engine:
         return added
 
     def _still_has_copies(self, key: str) -> bool:
-        s = self.states.get(key)
-        if s is None:
-            return False
-        return s.runs == 0 or s.outcome != "ok" or s.held_deletes > 0 or s.in_sync > 0
+        return still_has_copies(self.states.get(key))
 
     def _runtime_of(self, key: str) -> tuple[TaskRuntime, unit.Unit] | None:
         for rt in self.tasks.values():
@@ -299,27 +310,9 @@ class Engine:
 
     async def _cleanup_units(self, cfg: models.TaskConfig, units: Sequence[unit.Unit]) -> int:
         """Delete the copies `cfg`'s task owns under these units' destination services."""
-        dest = self.factory(endpoint_of(cfg.destination))
-        owner = planner.Owner(cfg.name, cfg.source.name)
-        removed = 0
-        try:
-            await dest.open()
-            for u in units:
-                self.states.pop(u.key, None)
-                try:
-                    listing = await dest.list_instances(u.dest_service)
-                except Exception as exc:
-                    log.warning("cleanup read failed", extra={"unit": u.key, "error": str(exc)})
-                    continue
-                p = planner.plan([], listing.instances, owner)
-                if p.deletes:
-                    ctx = base.ApplyContext(task=cfg.name, desired=(), upstream_name=u.upstream_name)
-                    outcomes = await dest.apply(u.dest_service, planner.Plan(deletes=p.deletes), ctx)
-                    removed += sum(1 for o in outcomes if o.ok)
-        finally:
-            await dest.close()
-        log.info("copies of a removed task or unit cleaned up", extra={"task": cfg.name, "deleted": removed})
-        return removed
+        for u in units:
+            self.states.pop(u.key, None)
+        return await cleanup_units(self.factory, cfg, units)
 
     # ---- observation ---------------------------------------------------------------
     def busy(self) -> bool:
@@ -349,3 +342,30 @@ class Engine:
                     "ops": dict(s.ops), "runs": s.runs,
                 })
         return rows
+
+
+async def cleanup_units(factory: ConnectorFactory, cfg: models.TaskConfig, units: Sequence[unit.Unit]) -> int:
+    """Delete the copies `cfg`'s task owns under these units' destination services.
+
+    Shared by the engine (a removed or changed task) and the cluster scheduler.
+    """
+    dest = factory(endpoint_of(cfg.destination))
+    owner = planner.Owner(cfg.name, cfg.source.name)
+    removed = 0
+    try:
+        await dest.open()
+        for u in units:
+            try:
+                listing = await dest.list_instances(u.dest_service)
+            except Exception as exc:
+                log.warning("cleanup read failed", extra={"unit": u.key, "error": str(exc)})
+                continue
+            p = planner.plan([], listing.instances, owner)
+            if p.deletes:
+                ctx = base.ApplyContext(task=cfg.name, desired=(), upstream_name=u.upstream_name)
+                outcomes = await dest.apply(u.dest_service, planner.Plan(deletes=p.deletes), ctx)
+                removed += sum(1 for o in outcomes if o.ok)
+    finally:
+        await dest.close()
+    log.info("copies of a removed task or unit cleaned up", extra={"task": cfg.name, "deleted": removed})
+    return removed

@@ -33,7 +33,7 @@ async def removed_while_down(eng: engine_mod.Engine, previous: models.RegistryCo
                              current: models.RegistryConfig) -> list[str]:
     if previous is None:
         return []
-    now = {t.name for t in current.enabled_tasks()}
+    now = {t.name for t in current.tasks}  # a disabled task is paused, not removed
     gone = [t for t in previous.enabled_tasks() if t.name not in now]
     for cfg in gone:
         await eng.cleanup_task(cfg)

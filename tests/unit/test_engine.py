@@ -356,3 +356,37 @@ def test_changing_a_tasks_destination_service_moves_its_copies() -> None:
             assert len(at("B", new)) == 1
             assert at("B", old) == {}
     run(main())
+
+
+def test_a_disabled_task_keeps_its_copies_and_a_removed_one_loses_them() -> None:
+    import asyncio as _asyncio
+
+    from syncworker.config import loader
+    from syncworker.connectors import memory, registry
+    from syncworker.model import Instance, ServiceKey
+    from syncworker.reconcile.engine import Engine
+
+    def cfg(enable: bool | None) -> str:
+        task = ('{"name": "t", "enable": %s, "source": {"name": "a", "type": "memory", "addresses": ["dis-a"]},'
+                ' "destination": {"name": "b", "type": "memory", "addresses": ["dis-b"]},'
+                ' "match": [{"namespace": "", "service": "svc"}]}') % ("true" if enable else "false")
+        return '{"tasks": [%s]}' % (task if enable is not None else "")
+
+    async def main() -> None:
+        svc = ServiceKey("", "", "svc")
+        memory.store("dis-a").put(svc, Instance("127.0.0.1", 80))
+        eng = Engine(registry.create, workers=2)
+        await eng.start(loader.load_text(cfg(True), "c.json"))
+        await eng.settle()
+        assert len(memory.store("dis-b").instances(svc)) == 1
+        changes = await eng.apply_config(loader.load_text(cfg(False), "c.json"))
+        assert changes["disabled"] == ["t"]
+        assert len(memory.store("dis-b").instances(svc)) == 1  # paused, copies stay
+        await eng.apply_config(loader.load_text(cfg(True), "c.json"))
+        await eng.settle()
+        changes = await eng.apply_config(loader.load_text(cfg(None), "c.json"))
+        assert changes["removed"] == ["t"]
+        assert memory.store("dis-b").instances(svc) == []
+        await eng.stop()
+
+    _asyncio.run(main())
