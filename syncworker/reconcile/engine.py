@@ -292,7 +292,9 @@ class Engine:
                     try:
                         await rt.dest.heartbeat(u.dest_service, copies)
                     except Exception as exc:
-                        log.warning("heartbeat failed", extra={"unit": key, "error": str(exc)})
+                        # a copy the registry dropped comes back with a reconcile now, not at the next pull
+                        log.warning("heartbeat failed; reconciling", extra={"unit": key, "error": str(exc)})
+                        self.queue.mark(key)
             await asyncio.sleep(self.heartbeat_interval)
 
     # ---- removal -------------------------------------------------------------------
