@@ -14,6 +14,12 @@ from syncworker.connectors import base
 #: type name -> "module:Class" under syncworker.connectors
 TYPES: dict[str, str] = {
     "memory": "memory:MemoryConnector",
+    "envoy": "envoy:EnvoyConnector",
+    "nginx": "nginx:NginxConnector",
+    "polaris": "polaris:PolarisConnector",
+    "kong": "kong:KongConnector",
+    "apisix": "apisix:ApisixConnector",
+    "nacos": "nacos:NacosConnector",
 }
 
 
