@@ -75,6 +75,8 @@ class Running:
     extra: dict[str, object] = dataclasses.field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = dataclasses.field(default=None, repr=False)
     children: list[Running] = dataclasses.field(default_factory=list)
+    #: how the process was started, so that `restart` brings it back on the same ports and data
+    launch: dict[str, object] = dataclasses.field(default_factory=dict, repr=False)
 
     def alive(self) -> bool:
         return pid_alive(self.pid)
@@ -85,6 +87,24 @@ class Running:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group now (an outage or a crash, for failure tests)."""
+        stop_group(self.pid, 0.0)
+        if self.process is not None:
+            with contextlib.suppress(Exception):
+                self.process.wait(timeout=5)
+
+    def restart(self) -> None:
+        """Start the same command again, in the same run directory: same ports, same data.
+
+        The caller waits for readiness (e.g. with the peer's `wait_ready`).
+        """
+        if self.alive():
+            raise PeerError(f"{self.name} is still running (pid {self.pid}); stop or kill it first")
+        again = spawn(self.name, self.version, self.launch["argv"], self.run_dir,  # type: ignore[arg-type]
+                      self.endpoints, env=self.launch.get("env"), cwd=self.launch.get("cwd"))  # type: ignore[arg-type]
+        self.pid, self.process = again.pid, again.process
 
     def stop(self, timeout: float = 15.0) -> None:
         stop_group(self.pid, timeout)
@@ -272,6 +292,7 @@ def spawn(
         credentials=dict(credentials or {}),
         extra=dict(extra or {}),
         process=proc,
+        launch={"argv": list(argv), "env": dict(env or {}), "cwd": cwd},
     )
 
 
