@@ -56,19 +56,19 @@ and 429 are temporary outcomes, other 4xx permanent ones with APISIX's `error_ms
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import ipaddress
 import logging
 import re
-import ssl
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
 
 from syncworker import errors, model
-from syncworker.connectors import base
+from syncworker.connectors import base, http
 from syncworker.reconcile import planner
 
 log = logging.getLogger("syncworker.connectors.apisix")
@@ -202,22 +202,9 @@ def node_to_instance(node: Mapping[str, Any], scale: int, default_port: int) -> 
     return f"node {raw_host}:{port}: {problem}" if problem else inst
 
 
-def parse_addresses(addresses: Sequence[str]) -> list[str]:
-    out = []
-    for a in addresses:
-        a = a.strip()
-        if not a:
-            continue
-        if "://" not in a:
-            a = "http://" + a
-        parts = urllib.parse.urlsplit(a)
-        if parts.scheme not in ("http", "https"):
-            continue
-        a = a.rstrip("/")
-        if not parts.path.strip("/"):
-            a += ADMIN_PATH
-        out.append(a)
-    return out
+def parse_addresses(addresses: Iterable[str]) -> list[str]:
+    """HTTP(S) base URLs of the configured addresses; grpc:// and other schemes are skipped."""
+    return http.base_urls(addresses, ADMIN_PATH)
 
 
 def _message(resp: httpx.Response) -> str:
@@ -238,8 +225,7 @@ def _temporary_status(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+_describe = http.describe
 
 
 class _WriteFailed(Exception):
@@ -257,8 +243,8 @@ class ApisixConnector(base.Connector):
 
     def __init__(self, endpoint: base.Endpoint) -> None:
         super().__init__(endpoint)
-        self.bases = parse_addresses(endpoint.addresses)
-        if not self.bases:
+        bases = parse_addresses(endpoint.addresses)
+        if not bases:
             raise errors.ConfigError([errors.ConfigProblem(
                 "addresses", "no APISIX Admin API address (host:port, http://... or https://...)")],
                 source=endpoint.name)
@@ -272,8 +258,9 @@ class ApisixConnector(base.Connector):
         self.default_port = 443 if self.scheme in ("https", "grpcs") else 80
         self.create_routes = bool(opts.get("create_routes", False))
         self.route_uri = str(opts.get("route_uri", "/{service}/*"))
-        self._current = 0
-        self._client: httpx.AsyncClient | None = None
+        headers = {"X-API-KEY": self.endpoint.token} if self.endpoint.token else {}
+        self.http = http.Transport(bases, timeout=self.timeout, verify=self.verify, headers=headers,
+                                   auth=None, max_connections=16)
 
     # ---- naming ---------------------------------------------------------------------
     def _parts(self, key: model.ServiceKey) -> list[str]:
@@ -288,42 +275,22 @@ class ApisixConnector(base.Connector):
 
     # ---- lifecycle ------------------------------------------------------------------
     async def open(self) -> None:
-        self._client_or_new()
+        self.http.client()
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self.http.close()
 
-    def _client_or_new(self) -> httpx.AsyncClient:
-        if self._client is None:
-            verify: Any = self.verify
-            if isinstance(verify, str):
-                verify = ssl.create_default_context(cafile=verify)
-            headers = {"Accept": "application/json"}
-            if self.endpoint.token:
-                headers["X-API-KEY"] = self.endpoint.token
-            self._client = httpx.AsyncClient(headers=headers, verify=verify, timeout=httpx.Timeout(self.timeout),
-                                             trust_env=False)
-        return self._client
+    @property
+    def bases(self) -> list[str]:
+        return self.http.bases
 
-    # ---- transport ------------------------------------------------------------------
+    @property
+    def calls(self) -> collections.Counter[str]:
+        return self.http.calls
+
     async def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                    body: Any = None) -> httpx.Response:
-        client = self._client_or_new()
-        last: httpx.HTTPError | None = None
-        n = len(self.bases)
-        for i in range(n):
-            idx = (self._current + i) % n
-            try:
-                resp = await client.request(method, self.bases[idx] + path, params=params, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                last = exc
-                continue
-            self._current = idx
-            return resp
-        assert last is not None
-        raise last
+                    body: Any = None, idempotent: bool = False) -> httpx.Response:
+        return await self.http.send(method, path, params=params, body=body, idempotent=idempotent)
 
     async def _get(self, path: str, what: str, params: Mapping[str, Any] | None = None) -> Json | None:
         """The JSON body of a GET; None on 404; ReadError on anything else but 200."""

@@ -65,19 +65,19 @@ clash (permanent). 404 on a delete is success.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import ipaddress
 import logging
 import re
-import ssl
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
 
 from syncworker import errors, marks, model
-from syncworker.connectors import base
+from syncworker.connectors import base, http
 from syncworker.reconcile import planner
 
 log = logging.getLogger("syncworker.connectors.kong")
@@ -244,17 +244,9 @@ def target_to_instance(target: Mapping[str, Any], adopt_from: str | None) -> mod
     return f"target {raw!r}: {problem}" if problem else inst
 
 
-def parse_addresses(addresses: Sequence[str]) -> list[str]:
-    out = []
-    for a in addresses:
-        a = a.strip()
-        if not a:
-            continue
-        if "://" not in a:
-            a = "http://" + a
-        if urllib.parse.urlsplit(a).scheme in ("http", "https"):
-            out.append(a.rstrip("/"))
-    return out
+def parse_addresses(addresses: Iterable[str]) -> list[str]:
+    """HTTP(S) base URLs of the configured addresses; grpc:// and other schemes are skipped."""
+    return http.base_urls(addresses)
 
 
 def _message(resp: httpx.Response) -> str:
@@ -271,8 +263,7 @@ def _temporary_status(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+_describe = http.describe
 
 
 class _WriteFailed(Exception):
@@ -290,8 +281,8 @@ class KongConnector(base.Connector):
 
     def __init__(self, endpoint: base.Endpoint) -> None:
         super().__init__(endpoint)
-        self.bases = parse_addresses(endpoint.addresses)
-        if not self.bases:
+        bases = parse_addresses(endpoint.addresses)
+        if not bases:
             raise errors.ConfigError([errors.ConfigProblem(
                 "addresses", "no Kong Admin API address (host:port, http://... or https://...)")],
                 source=endpoint.name)
@@ -303,14 +294,16 @@ class KongConnector(base.Connector):
         self.concurrency = max(1, int(opts.get("concurrency", 8)))
         self.service_port = int(opts.get("service_port", 80))
         self.service_protocol = str(opts.get("service_protocol", "http"))
-        self._current = 0
-        self._client: httpx.AsyncClient | None = None
         #: dest key -> upstream name learned from apply or found by tag
         self._names: dict[model.ServiceKey, str] = {}
         #: dest key -> upstream name the last listing read
         self._listed: dict[model.ServiceKey, str] = {}
         #: upstream names known to exist
         self._exists: set[str] = set()
+        headers = {"Kong-Admin-Token": self.endpoint.token} if self.endpoint.token else {}
+        self.http = http.Transport(bases, timeout=self.timeout, verify=self.verify, headers=headers,
+                                   auth=(self.endpoint.user, self.endpoint.password) if self.endpoint.user else None,
+                                   max_connections=max(16, self.concurrency * 2))
 
     # ---- naming ---------------------------------------------------------------------
     def _base_parts(self, key: model.ServiceKey) -> list[str]:
@@ -328,45 +321,22 @@ class KongConnector(base.Connector):
 
     # ---- lifecycle ------------------------------------------------------------------
     async def open(self) -> None:
-        self._client_or_new()
+        self.http.client()
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self.http.close()
 
-    def _client_or_new(self) -> httpx.AsyncClient:
-        if self._client is None:
-            verify: Any = self.verify
-            if isinstance(verify, str):
-                verify = ssl.create_default_context(cafile=verify)
-            headers = {"Accept": "application/json"}
-            if self.endpoint.token:
-                headers["Kong-Admin-Token"] = self.endpoint.token
-            auth = (self.endpoint.user, self.endpoint.password) if self.endpoint.user else None
-            self._client = httpx.AsyncClient(headers=headers, auth=auth, verify=verify,
-                                             timeout=httpx.Timeout(self.timeout), trust_env=False,
-                                             limits=httpx.Limits(max_connections=max(16, self.concurrency * 2)))
-        return self._client
+    @property
+    def bases(self) -> list[str]:
+        return self.http.bases
 
-    # ---- transport ------------------------------------------------------------------
+    @property
+    def calls(self) -> collections.Counter[str]:
+        return self.http.calls
+
     async def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                    body: Any = None) -> httpx.Response:
-        """Send to the addresses in turn (only requests that never left move on); raises httpx.HTTPError."""
-        client = self._client_or_new()
-        last: httpx.HTTPError | None = None
-        n = len(self.bases)
-        for i in range(n):
-            idx = (self._current + i) % n
-            try:
-                resp = await client.request(method, self.bases[idx] + path, params=params, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                last = exc
-                continue
-            self._current = idx
-            return resp
-        assert last is not None
-        raise last
+                    body: Any = None, idempotent: bool = False) -> httpx.Response:
+        return await self.http.send(method, path, params=params, body=body, idempotent=idempotent)
 
     async def _read(self, path: str, what: str, params: Mapping[str, Any] | None = None) -> Json | None:
         """The JSON body of a GET; None on 404; ReadError on anything else but 200."""

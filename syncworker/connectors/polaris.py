@@ -89,14 +89,13 @@ import dataclasses
 import hashlib
 import logging
 import math
-import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
 
 from syncworker import errors, model
-from syncworker.connectors import base
+from syncworker.connectors import base, http
 from syncworker.reconcile import planner
 
 log = logging.getLogger("syncworker.connectors.polaris")
@@ -306,17 +305,7 @@ def parse_instances(records: Iterable[Any]) -> tuple[list[model.Instance], list[
 
 def parse_addresses(addresses: Iterable[str]) -> list[str]:
     """HTTP(S) base URLs of the configured addresses; grpc:// and other schemes are skipped."""
-    out: list[str] = []
-    for raw in addresses:
-        addr = raw.strip().rstrip("/")
-        if not addr:
-            continue
-        scheme, sep, rest = addr.partition("://")
-        if not sep:
-            out.append(f"http://{addr}")
-        elif scheme.lower() in ("http", "https") and rest:
-            out.append(f"{scheme.lower()}://{rest}")
-    return out
+    return http.base_urls(addresses)
 
 
 def code_of(body: Mapping[str, Any], status: int) -> int:
@@ -350,9 +339,7 @@ def _fingerprint(records: Iterable[Any]) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+_describe = http.describe
 
 
 def _info(body: Mapping[str, Any]) -> str:
@@ -405,8 +392,8 @@ class PolarisConnector(base.Connector):
 
     def __init__(self, endpoint: base.Endpoint) -> None:
         super().__init__(endpoint)
-        self.bases = parse_addresses(endpoint.addresses)
-        if not self.bases:
+        bases = parse_addresses(endpoint.addresses)
+        if not bases:
             raise errors.ConfigError([errors.ConfigProblem(
                 "addresses", "no HTTP(S) address for Polaris (host:port, http://... or https://...)")],
                 source=endpoint.name)
@@ -420,68 +407,33 @@ class PolarisConnector(base.Connector):
         self.touch_before_delete = bool(opts.get("touch_before_delete", True))
         #: seconds of failing watch polls after which the watch gives up (the engine resyncs and restarts it)
         self.watch_fail_after = float(opts.get("watch_fail_after", 30.0))
-        self._current = 0
-        self._client: httpx.AsyncClient | None = None
         self._ensured: set[tuple[str, str]] = set()
         self._namespaces: set[str] = {DEFAULT_NAMESPACE}
-        #: requests sent, by "METHOD path" (for metrics and tests)
-        self.calls: collections.Counter[str] = collections.Counter()
+        headers = {"X-Polaris-Token": self.endpoint.token} if self.endpoint.token else {}
+        self.http = http.Transport(bases, timeout=self.timeout, verify=self.verify, headers=headers,
+                                   auth=None, max_connections=max(32, self.watch_concurrency * 2))
 
     # ---- lifecycle ------------------------------------------------------------------
     def representable(self, inst: model.Instance) -> model.Instance:
         return representable(inst)
 
     async def open(self) -> None:
-        self._client_or_new()
+        self.http.client()
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self.http.close()
 
-    def _client_or_new(self) -> httpx.AsyncClient:
-        if self._client is None:
-            verify: Any = self.verify
-            if isinstance(verify, str):
-                verify = ssl.create_default_context(cafile=verify)
-            headers = {"Accept": "application/json"}
-            if self.endpoint.token:
-                headers["X-Polaris-Token"] = self.endpoint.token
-            self._client = httpx.AsyncClient(
-                headers=headers, verify=verify, timeout=httpx.Timeout(self.timeout),
-                limits=httpx.Limits(max_connections=max(32, self.watch_concurrency * 2),
-                                    max_keepalive_connections=max(16, self.watch_concurrency)),
-                trust_env=False)
-        return self._client
+    @property
+    def bases(self) -> list[str]:
+        return self.http.bases
 
-    # ---- transport ------------------------------------------------------------------
+    @property
+    def calls(self) -> collections.Counter[str]:
+        return self.http.calls
+
     async def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                    body: Any = None, idempotent: bool) -> httpx.Response:
-        """Send to the addresses in turn; raises httpx.HTTPError when none answered.
-
-        A request that was not sent (connection refused, connect timeout) moves on to the
-        next address; one that may have reached the server does so only when `idempotent`.
-        """
-        client = self._client_or_new()
-        self.calls[f"{method} {path}"] += 1
-        last: httpx.HTTPError | None = None
-        n = len(self.bases)
-        for i in range(n):
-            idx = (self._current + i) % n
-            try:
-                resp = await client.request(method, self.bases[idx] + path, params=params, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                last = exc
-                continue
-            except httpx.TransportError as exc:
-                if not idempotent:
-                    raise
-                last = exc
-                continue
-            self._current = idx
-            return resp
-        assert last is not None
-        raise last
+                    body: Any = None, idempotent: bool = False) -> httpx.Response:
+        return await self.http.send(method, path, params=params, body=body, idempotent=idempotent)
 
     @staticmethod
     def _body(resp: httpx.Response) -> Json:

@@ -281,7 +281,7 @@ def test_failover_and_grpc_addresses_are_skipped(loop: Loop, polaris: sandbox.Ru
     try:
         assert len(conn.bases) == 2 and all(b.startswith("http://") for b in conn.bases)
         assert loop.run_until_complete(conn.health()) is None
-        assert conn._current == 1  # the live address is used first from now on
+        assert conn.http.current == 1  # the live address is used first from now on
     finally:
         loop.run_until_complete(conn.close())
 
