@@ -33,10 +33,16 @@ def endpoint(name: str, type_: str, running: sandbox_base.Running) -> dict[str, 
     return ep
 
 
-def connector(ep: dict[str, Any]) -> base.Connector:
+def connector(ep: dict[str, Any], **options: Any) -> base.Connector:
     return registry.create(base.Endpoint(name=ep["name"], type=ep["type"], addresses=tuple(ep["addresses"]),
                                          token=ep.get("token", ""), user=ep.get("user", ""),
-                                         password=ep.get("password", "")))
+                                         password=ep.get("password", ""), options=options))
+
+
+def native_writer(ep: dict[str, Any]) -> base.Connector:
+    """A connector that writes natives as an application would keep them: Nacos natives are
+    persistent here, since nothing heartbeats for them during a benchmark."""
+    return connector(ep, copies="persistent") if ep["type"] == "nacos" else connector(ep)
 
 
 async def bounded(jobs: Iterable[Callable[[], Awaitable[Any]]], concurrency: int) -> list[Any]:

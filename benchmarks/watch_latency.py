@@ -64,7 +64,7 @@ async def main(changes: int, services: int) -> dict[str, object]:
     try:
         nacos_ep = common.endpoint("nacos1", "nacos", peers["nacos"])
         polaris_ep = common.endpoint("polaris1", "polaris", peers["polaris"])
-        nacos, polaris = common.connector(nacos_ep), common.connector(polaris_ep)
+        nacos, polaris = common.native_writer(nacos_ep), common.connector(polaris_ep)
         await nacos.open()
         await polaris.open()
         names = [f"lat-{i:03d}" for i in range(services)]

@@ -114,7 +114,8 @@ async def reconcile(unit: Unit, source: base.Connector, dest: base.Connector, st
     failed = [o for o in outcomes if not o.ok]
     clashing = {c.address for c in full.clashes}
     state.copies = tuple(i for i in want if i.address not in clashing)
-    state.in_sync = len(want) - len(clashing) - len({o.address for o in failed})
+    wanted = {i.address for i in want} - clashing
+    state.in_sync = len(wanted - {o.address for o in failed if o.op != "delete"})
     recheck = verdict.recheck_in(now, policy)
     if failed:
         msg = "; ".join(f"{o.op} {o.address[0]}:{o.address[1]}: {o.error}" for o in failed[:5])
