@@ -1,0 +1,1 @@
+"""Acceptance tests: `syncworker run` as a child process against real Nacos, Polaris and gateways."""
