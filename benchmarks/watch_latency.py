@@ -53,9 +53,15 @@ async def one_change(src: base.Connector, dst: base.Connector, svc: model.Servic
     outcomes = await src.apply(svc, p, base.ApplyContext(task="bench-native"))
     assert all(o.ok for o in outcomes), outcomes
     t0 = time.perf_counter()
-    listing = await src.list_instances(svc)
-    natives[key] = next(i for i in listing.instances if i.address == inst.address)
     t1 = await wait_copy(dst, svc, src.representable(inst))
+    # remember the native as the source stores it (with its id) for a later update; a
+    # registry may show a write only after a short delay, so wait for it here, untimed
+    for _ in range(300):
+        found = [i for i in (await src.list_instances(svc)).instances if i.address == inst.address]
+        if found and abs(found[0].weight - inst.weight) < 0.011:
+            natives[key] = found[0]
+            break
+        await asyncio.sleep(0.05)
     return None if t1 is None else t1 - t0
 
 
