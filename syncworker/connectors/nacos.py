@@ -118,7 +118,10 @@ its disabled-instance blind spot covered. Single services are polled every
 watched with "*", and namespaces with more than 8 watched services, are read whole
 from the catalog with instances every `namespace_watch_interval`, which also finds new
 services. A service whose digest changed (or appeared, or vanished) is yielded; the
-first event is None, once the baseline is read. Three failed polls in a row end the
+first event is None, once the baseline is read. A whole-namespace read waits at least
+three times its own duration before the next one, so a namespace of thousands of
+instances is polled less often (its changes show up later) instead of keeping a core
+busy. Three failed polls in a row end the
 watch with the error (the engine backs off and resyncs). Measured on 3.1: a change
 shows up 0.53-0.9 s after the write (median about 0.6 s).
 """
@@ -889,7 +892,10 @@ class NacosConnector(base.Connector):
                 singles, grouped = plan
                 if started >= wide_due:
                     wide = await self._poll_namespaces(spaces, grouped)
-                    wide_due = started + self.namespace_watch_interval
+                    # a whole-namespace read grows with the namespace: keep its duty cycle
+                    # at most a third, so a large idle namespace does not keep a core busy
+                    spent = loop.time() - started
+                    wide_due = started + max(self.namespace_watch_interval, WIDE_DUTY * spent)
                 snapshot = {**wide, **await self._poll_services(singles)}
             except errors.SyncError as exc:
                 failures += 1
@@ -958,6 +964,8 @@ class NacosConnector(base.Connector):
 
 #: a namespace with more watched services than this is polled whole (one paged request)
 WHOLE_NAMESPACE_AT = 8
+#: a whole-namespace poll waits at least this many times its own duration before the next
+WIDE_DUTY = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
