@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime
 import json
@@ -111,6 +112,15 @@ class Procs:
                              env=self.env, capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             raise RuntimeError(out.stderr)
+
+    def restart_exited(self) -> list[str]:
+        """What a supervisor (Kubernetes, systemd) does: start again a process that exited."""
+        again = []
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is not None:
+                self.start(name, *proc.args[3:])  # type: ignore[index]
+                again.append(name)
+        return again
 
     def stop_all(self) -> None:
         for name, proc in self.procs.items():
@@ -251,17 +261,21 @@ class Bench:
             p.push(self.task(dst))
             wait(lambda: self.converged(p), 900, every=0.5)
             took = time.monotonic() - t0
-            runs = len(p.store.runs())
+            runs = p.store.runs()
+            first = min(r["start"] for r in runs)
             return {"workers": workers, "services": self.args.services, "instances": self.args.instances,
                     "sync_s": round(took, 2), "instances_per_s": round(self.args.services * self.args.instances / took),
-                    "reconcile_runs": runs}
+                    "reconcile_runs": len(runs),
+                    "run_s_median": round(statistics.median(r["end"] - r["start"] for r in runs), 3),
+                    "runs_span_s": round(max(r["end"] for r in runs) - first, 2),
+                    "runs_per_worker": dict(collections.Counter(r["worker"] for r in runs))}
         finally:
             p.stop_all()
             p.store.flush()
 
     def _running_cluster(self, name: str, schedulers: int = 1) -> tuple[Procs, str]:
         self.seed()
-        p = self.procs(name)
+        p = self.procs(f"chaos-{name}")
         dst = f"bench-{name}-{uuid.uuid4().hex[:6]}"
         for i in range(schedulers):
             p.start(f"scheduler-{i}", "scheduler")
@@ -283,9 +297,13 @@ class Bench:
             restarted = round(time.monotonic() - t0, 2)
             republished = wait(lambda: p.store.applied_version() > 0, 60)
             config_back = round(time.monotonic() - t0, 2)
+            # Celery workers may stop on a lost broker (kombu cannot restore unacked messages without a
+            # connection: "Unrecoverable error"); a supervisor starts them again
+            time.sleep(3)
+            restarted_workers = p.restart_exited()
             change = self.change_and_wait(dst)
             return {"redis_start_s": restarted, "config_republished_after_s": config_back if republished else None,
-                    "change_synced_after_restart_s": change}
+                    "workers_restarted_by_supervisor": restarted_workers, "change_synced_after_restart_s": change}
         finally:
             p.stop_all()
             with contextlib.suppress(Exception):

@@ -1,4 +1,4 @@
-"""The `syncworker` command: check, plan and run task files; drive the local sandbox."""
+"""The `syncworker` command: check, plan and run task files; run a cluster; drive the local sandbox."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ app = typer.Typer(help="Keep service-discovery data in sync between registries a
 sandbox_app = typer.Typer(help="Real registries and gateways on this machine, for trying syncworker.",
                           no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
+config_app = typer.Typer(help="The task config shared by a cluster, in Redis.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 console = Console()
 err = Console(stderr=True)
 
@@ -244,6 +246,131 @@ def sandbox_render(config: Path = typer.Argument(..., help="a task file whose en
     config_loader.validate(data, str(out))
     out.write_text(json.dumps(data, indent=2))
     console.print(f"wrote {out}")
+
+
+# ---- cluster mode ----------------------------------------------------------------------
+StatusPortOpt = typer.Option(None, "--status-port",
+                             help="serve /status, /metrics, /cluster, /healthz on 127.0.0.1 (0: any free port; "
+                                  "default SYNCWORKER_STATUS_PORT)")
+
+
+@app.command()
+def scheduler(config: Path | None = typer.Option(
+                  None, "-c", "--config", help="task file when SYNCWORKER_CONFIG_PROVIDER=file (default: settings)"),
+              status_port: int | None = StatusPortOpt) -> None:
+    """Run a cluster scheduler: stand by, lead when ZooKeeper elects it, dispatch work to the workers."""
+    from scheduler import main as scheduler_main
+
+    st = settings.Settings()
+    logs.setup(st.log_level, st.log_format == "json")
+    path = None
+    if st.config_provider == "file":
+        path = _config_path(config)
+        _load_or_exit(path)
+    port = status_port if status_port is not None else st.status_port
+    try:
+        asyncio.run(scheduler_main.run(st, path, port))
+    except errors.ConfigError as exc:
+        err.print(f"[red]config rejected[/red]: {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def worker(concurrency: int | None = typer.Option(
+               None, "--concurrency", min=1, help="jobs at once (default SYNCWORKER_WORKER_CONCURRENCY, 8)"),
+           hostname: str | None = typer.Option(
+               None, "-n", "--hostname", help="Celery node name (default syncworker@<host>)"),
+           pool: str | None = typer.Option(
+               None, "--pool", help="threads (default), prefork or solo (default SYNCWORKER_WORKER_POOL)")) -> None:
+    """Run a cluster worker: a Celery worker taking reconciles and duties from the cluster's Redis."""
+    from syncworker.cluster import celery_app
+    from syncworker.cluster import tasks as _tasks  # noqa: F401 - registers the tasks
+
+    st = settings.Settings()
+    logs.setup(st.log_level, st.log_format == "json")
+    argv = ["worker", f"--concurrency={concurrency or st.worker_concurrency}", f"--pool={pool or st.worker_pool}",
+            f"--hostname={hostname or 'syncworker@%h'}", f"--queues={st.redis_prefix}",
+            f"--loglevel={st.log_level.upper()}", "--without-gossip", "--without-mingle", "--task-events"]
+    celery_app.app.worker_main(argv)
+
+
+@app.command()
+def flower(port: int = typer.Option(5555, "--port", help="port to serve Flower on"),
+           address: str = typer.Option("127.0.0.1", "--address", help="address to serve Flower on")) -> None:
+    """Run Flower against the cluster's broker, behind basic auth from SYNCWORKER_FLOWER_AUTH (user:password)."""
+    import os
+
+    from syncworker.cluster import celery_app
+
+    st = settings.Settings()
+    logs.setup(st.log_level, st.log_format == "json")
+    auth = st.flower_auth.get_secret_value()
+    user, sep, password = auth.partition(":")
+    if not (user and sep and password):
+        err.print("[red]refused[/red]: set SYNCWORKER_FLOWER_AUTH=user:password (Flower is never served without it)")
+        raise typer.Exit(2)
+    os.environ["FLOWER_BASIC_AUTH"] = auth  # read by Flower itself: never on a command line, never printed
+    console.print(f"Flower on http://{address}:{port} (basic auth, user {user!r})")
+    celery_app.app.start(["flower", f"--port={port}", f"--address={address}"])
+
+
+def _store():  # type: ignore[no-untyped-def]
+    from syncworker.cluster import store
+
+    return store.Store.from_settings(settings.Settings())
+
+
+@config_app.command("push")
+def config_push(file: Path = typer.Argument(..., help="task file (JSON or YAML) to run cluster-wide")) -> None:
+    """Validate a task file and make it the cluster's config; a bad one is refused and the old one stays."""
+    cfg = _load_or_exit(str(file))
+    version = _store().push_config(file.read_text(encoding="utf-8"), str(file))
+    tasks = cfg.enabled_tasks()
+    console.print(f"{file}: pushed as version {version}, {len(tasks)} enabled task(s): "
+                  + ", ".join(t.name for t in tasks))
+    if settings.Settings().config_provider != "redis":
+        err.print("note: schedulers read Redis only with SYNCWORKER_CONFIG_PROVIDER=redis")
+
+
+@config_app.command("get")
+def config_get(raw: bool = typer.Option(False, "--raw", help="the text as pushed, secrets included")) -> None:
+    """Print the cluster's pushed config (secrets masked unless --raw), and the versions pushed and applied."""
+    st = _store()
+    stored = st.pushed_config()
+    if stored is None:
+        err.print("no config pushed yet (syncworker config push FILE)")
+        raise typer.Exit(1)
+    if raw:
+        sys.stdout.write(stored.text if stored.text.endswith("\n") else stored.text + "\n")
+    else:
+        console.print_json(loader.dump(loader.load_text(stored.text, f"<pushed v{stored.version}>")))
+    err.print(f"pushed version {stored.version}; applied version {st.applied_version()}")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+    """Show the cluster from the store: leader, workers, duties, and every unit's last result."""
+    from scheduler import status as cluster_status
+
+    st = _store()
+    info = cluster_status.cluster_info(st)
+    rows = st.status_rows()
+    if as_json:
+        console.print_json(json.dumps({"cluster": info, "units": rows}, default=str))
+        return
+    console.print(f"leader: [bold]{info['leader'] or '-'}[/bold]   config: pushed v{info['pushed_version']}, "
+                  f"applied v{info['applied_version']}   queued {info['queued']}, running {info['running']}")
+    members = Table("member", "role", "detail")
+    for role in ("schedulers", "workers"):
+        for ident, about in info[role].items():  # type: ignore[attr-defined]
+            detail = ", ".join(f"{k}={v}" for k, v in about.items() if k not in ("at", "role"))
+            members.add_row(ident, role[:-1], detail)
+    for duty, lease in info["duties"].items():  # type: ignore[attr-defined]
+        members.add_row(duty, "duty", f"held by {lease.get('owner', '?')}")
+    console.print(members)
+    console.print(_status_table(rows))
 
 
 def main() -> None:
