@@ -114,7 +114,7 @@ def run(config: Path | None = ConfigOpt,
     _load_or_exit(path)
     show = sys.stdout.isatty() if live is None else live
     kwargs = {"workers": st.workers, "reload_interval": st.reload_interval, "report_file": st.report_file,
-              "status_port": st.status_port}
+              "status_port": st.status_port, "status_host": st.status_host}
     try:
         if show:
             with Live(_status_table([]), console=console, refresh_per_second=2) as view:

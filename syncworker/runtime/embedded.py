@@ -48,7 +48,7 @@ def write_report(path: Path, rows: list[dict[str, object]]) -> None:
 async def run(config_path: str, backup_path: str, *, workers: int = 16, reload_interval: float = 1.0,
               report_file: str = "", status_sink: StatusSink | None = None,
               status_interval: float = 1.0, stop_event: asyncio.Event | None = None,
-              status_port: int | None = None) -> None:
+              status_port: int | None = None, status_host: str = "127.0.0.1") -> None:
     prov = provider_mod.FileProvider(config_path, backup_path)
     config = prov.load_initial()
     previous = prov.previous()
@@ -65,9 +65,9 @@ async def run(config_path: str, backup_path: str, *, workers: int = 16, reload_i
     prov.save_backup()
     server = None
     if status_port is not None:
-        server = status_http.StatusServer(eng.status, port=status_port)
+        server = status_http.StatusServer(eng.status, host=status_host, port=status_port)
         port = await server.start()
-        log.info("status endpoint", extra={"url": f"http://127.0.0.1:{port}/status", "metrics": "/metrics"})
+        log.info("status endpoint", extra={"url": f"http://{status_host}:{port}/status", "metrics": "/metrics"})
     log.info("running", extra={"config": config_path, "tasks": [t.name for t in config.enabled_tasks()]})
     report_every = models.parse_duration(config.report.interval) if config.report.targets else 0.0
     reporting = report_file and any(t.enable and t.type == "file" for t in config.report.targets)
