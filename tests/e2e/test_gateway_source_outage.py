@@ -1,6 +1,7 @@
 """The source registry killed for a minute: every gateway's targets stay as they were for the whole outage.
 
-A private Polaris feeds a real nginx and a real Envoy through a `syncworker run` child;
+A private Polaris feeds a real nginx, a real Envoy and the Kong and APISIX Admin API
+contract doubles through a `syncworker run` child;
 three real backends answer behind them. Polaris is SIGKILLed for SYNCWORKER_OUTAGE_SECONDS
 (default 60): requests through both gateways keep reaching every backend and the rendered
 targets (nginx's upstreams file, Envoy's CDS/EDS files and its live endpoints) do not
@@ -25,6 +26,8 @@ from syncworker.sandbox import base as sandbox_base
 from syncworker.sandbox import catalog, harness
 from syncworker.sandbox.peers.envoy import Envoy
 from syncworker.sandbox.peers.nginx import Nginx
+from tests.doubles.apisix_admin_double import ApisixAdminDouble
+from tests.doubles.kong_admin_double import KongAdminDouble
 from tests.e2e.conftest import StartSync
 from tests.e2e.helpers import POLARIS, Side, env_seconds, polaris_endpoint, registry_config, task
 from tests.gateways.conftest import client, sample, time_until_gone, wait_serving
@@ -59,6 +62,8 @@ def test_gateway_targets_survive_source_outage(peers: harness.PeerPool, backends
     source = peers.fresh("polaris")
     nginx_run = peers.fresh("nginx")
     envoy_run = peers.fresh("envoy")
+    kong = KongAdminDouble(port=peers.alloc.one()).start()
+    apisix = ApisixAdminDouble(port=peers.alloc.one(), api_key="edge-key").start()
     service = f"edge-{uuid.uuid4().hex[:8]}"
     upstream = f"{NS}.{service}"
     p_ep = polaris_endpoint(source)
@@ -71,7 +76,19 @@ def test_gateway_targets_survive_source_outage(peers: harness.PeerPool, backends
             "name": "edge-envoy", "type": "envoy", "addresses": ["file:///unused"],
             "options": {"cds_path": str(envoy_run.extra["cds_path"]), "eds_dir": str(envoy_run.extra["eds_dir"])},
         }, NS, service=service),
+        task("polaris-to-kong", p_ep, {"name": "edge-kong", "type": "kong", "addresses": [kong.url]},
+             NS, service=service),
+        task("polaris-to-apisix", p_ep, {"name": "edge-apisix", "type": "apisix", "addresses": [apisix.url],
+                                         "token": "edge-key"}, NS, service=service),
     ], pull="5s")
+
+    def double_targets() -> dict[str, object]:
+        """What the Kong and APISIX doubles hold for this service: targets and nodes with weights."""
+        kong_targets = sorted((t["target"], t["weight"]) for up in kong.state()["upstreams"]
+                              if service in up["name"] for t in kong.targets_of(up["name"]))
+        nodes = sorted((n["host"], n["port"], n["weight"]) for rid, up in apisix.state()["upstreams"].items()
+                       if service in rid for n in up.get("nodes", []))
+        return {"kong targets": kong_targets, "apisix nodes": nodes}
     upstreams = Path(str(nginx_run.extra["upstreams_path"]))
     cds = Path(str(envoy_run.extra["cds_path"]))
     eds = Path(str(envoy_run.extra["eds_dir"])) / f"{upstream}.json"
@@ -95,8 +112,12 @@ def test_gateway_targets_survive_source_outage(peers: harness.PeerPool, backends
             async with client() as c:
                 for url in urls.values():
                     await wait_serving(c, url, names)
+                deadline = time.monotonic() + 30
+                while any(len(v) != len(backends) for v in double_targets().values()):  # type: ignore[arg-type]
+                    assert time.monotonic() < deadline, double_targets()
+                    await asyncio.sleep(0.1)
                 rendered = {"nginx upstreams": upstreams.read_text(), "envoy cds": cds.read_text(),
-                            "envoy eds": eds.read_text()}
+                            "envoy eds": eds.read_text(), **double_targets()}
                 live = await asyncio.to_thread(envoy_endpoints, envoy_run, upstream)
                 assert len([x for x in live if "::weight::" in x]) == 3, live
 
@@ -110,7 +131,7 @@ def test_gateway_targets_survive_source_outage(peers: harness.PeerPool, backends
                         t = time.monotonic() - killed
                         answers[gateway] += [(t, a) for a in await sample(c, url, 3)]
                     now = {"nginx upstreams": upstreams.read_text(), "envoy cds": cds.read_text(),
-                           "envoy eds": eds.read_text() if eds.exists() else "<gone>"}
+                           "envoy eds": eds.read_text() if eds.exists() else "<gone>", **double_targets()}
                     changed += [f"t+{time.monotonic() - killed:.1f}s {k} changed" for k in rendered
                                 if now[k] != rendered[k]]
                     if time.monotonic() - last_live > 1.0:
@@ -141,6 +162,10 @@ def test_gateway_targets_survive_source_outage(peers: harness.PeerPool, backends
                         await time_until_gone(c, url, backends[0].name, t0, timeout=30.0), 2)
                 for url in urls.values():
                     assert set(await sample(c, url, 12)) == names - {backends[0].name}
+                deadline = time.monotonic() + 10
+                while any(len(v) != len(backends) - 1 for v in double_targets().values()):  # type: ignore[arg-type]
+                    assert time.monotonic() < deadline, double_targets()
+                    await asyncio.sleep(0.1)
         finally:
             await p.close()
 
@@ -149,4 +174,6 @@ def test_gateway_targets_survive_source_outage(peers: harness.PeerPool, backends
     finally:
         for running in (source, nginx_run, envoy_run):
             running.stop()
+        kong.stop()
+        apisix.close()
     print(f"gateway source outage: {report}")
