@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,10 @@ from syncworker.sandbox import base as sandbox_base
 from syncworker.sandbox import harness
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# a benchmark stopped with SIGTERM (timeout, kill) still runs its `finally` blocks,
+# which stop the servers it started
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def endpoint(name: str, type_: str, running: sandbox_base.Running) -> dict[str, Any]:
