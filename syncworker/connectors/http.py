@@ -41,6 +41,19 @@ def base_urls(addresses: Iterable[str], default_path: str = "") -> list[str]:
     return out
 
 
+def temporary_status(status: int) -> bool:
+    """An HTTP status worth retrying: the server's trouble, a timeout, or throttling."""
+    return status >= 500 or status in (408, 429)
+
+
+class WriteFailed(Exception):
+    """One write the peer refused or never answered; `temporary` says whether a retry may help."""
+
+    def __init__(self, message: str, temporary: bool) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
 def describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -259,17 +259,13 @@ def _message(resp: httpx.Response) -> str:
     return f"HTTP {resp.status_code}"
 
 
-def _temporary_status(status: int) -> bool:
-    return status >= 500 or status in (408, 429)
+_temporary_status = http.temporary_status
 
 
 _describe = http.describe
 
 
-class _WriteFailed(Exception):
-    def __init__(self, message: str, temporary: bool) -> None:
-        super().__init__(message)
-        self.temporary = temporary
+_WriteFailed = http.WriteFailed
 
 
 # ---- the connector ----------------------------------------------------------------------
