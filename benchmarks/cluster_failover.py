@@ -374,4 +374,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    common.exit_on_sigterm()
     main()

@@ -23,9 +23,11 @@ from syncworker.sandbox import harness
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# a benchmark stopped with SIGTERM (timeout, kill) still runs its `finally` blocks,
-# which stop the servers it started
-signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a timeout, a kill) run the `finally` blocks that stop the started servers."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def endpoint(name: str, type_: str, running: sandbox_base.Running) -> dict[str, Any]:

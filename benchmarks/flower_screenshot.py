@@ -163,4 +163,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    common.exit_on_sigterm()
     main()

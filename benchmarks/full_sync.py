@@ -112,6 +112,7 @@ async def main(services: int, instances: int, rest: float) -> dict[str, object]:
 
 
 if __name__ == "__main__":
+    common.exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--instances", type=int, default=10)

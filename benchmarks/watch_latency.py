@@ -135,6 +135,7 @@ async def main(changes: int, services: int) -> dict[str, object]:
 
 
 if __name__ == "__main__":
+    common.exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--changes", type=int, default=200)
     ap.add_argument("--services", type=int, default=20)
