@@ -56,7 +56,6 @@ and 429 are temporary outcomes, other 4xx permanent ones with APISIX's `error_ms
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import ipaddress
 import logging
@@ -231,7 +230,7 @@ _WriteFailed = http.WriteFailed
 
 
 # ---- the connector ----------------------------------------------------------------------
-class ApisixConnector(base.Connector):
+class ApisixConnector(http.HttpConnector):
     type_name = "apisix"
     capabilities: ClassVar[base.Capabilities] = base.Capabilities(
         source=False, destination=True, watch=False, batch_writes=True, gateway=True)
@@ -270,24 +269,6 @@ class ApisixConnector(base.Connector):
         return representable(inst, self.scale)
 
     # ---- lifecycle ------------------------------------------------------------------
-    async def open(self) -> None:
-        self.http.client()
-
-    async def close(self) -> None:
-        await self.http.close()
-
-    @property
-    def bases(self) -> list[str]:
-        return self.http.bases
-
-    @property
-    def calls(self) -> collections.Counter[str]:
-        return self.http.calls
-
-    async def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                    body: Any = None, idempotent: bool = False) -> httpx.Response:
-        return await self.http.send(method, path, params=params, body=body, idempotent=idempotent)
-
     async def _get(self, path: str, what: str, params: Mapping[str, Any] | None = None) -> Json | None:
         """The JSON body of a GET; None on 404; ReadError on anything else but 200."""
         try:
@@ -362,9 +343,7 @@ class ApisixConnector(base.Connector):
 
     async def apply(self, service: model.ServiceKey, plan: planner.Plan, ctx: base.ApplyContext
                     ) -> list[base.Outcome]:
-        ops: list[tuple[str, model.Instance]] = (
-            [("delete", d) for d in plan.deletes] + [("update", u.new) for u in plan.updates]
-            + [("create", c) for c in plan.creates])
+        ops = plan.operations()
         if not ops:
             return []
         uid = self.upstream_id(service)

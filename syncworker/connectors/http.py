@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from syncworker.connectors import base
+
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
@@ -119,3 +121,27 @@ class Transport:
             return resp
         assert last is not None
         raise last
+
+
+class HttpConnector(base.Connector):
+    """A connector whose peer speaks HTTP through one `Transport` (set `self.http` in __init__)."""
+
+    http: Transport
+
+    async def open(self) -> None:
+        self.http.client()
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    @property
+    def bases(self) -> list[str]:
+        return self.http.bases
+
+    @property
+    def calls(self) -> collections.Counter[str]:
+        return self.http.calls
+
+    async def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+                    body: Any = None, idempotent: bool = False) -> httpx.Response:
+        return await self.http.send(method, path, params=params, body=body, idempotent=idempotent)

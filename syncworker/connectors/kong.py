@@ -65,7 +65,6 @@ clash (permanent). 404 on a delete is success.
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import ipaddress
 import logging
@@ -269,7 +268,7 @@ _WriteFailed = http.WriteFailed
 
 
 # ---- the connector ----------------------------------------------------------------------
-class KongConnector(base.Connector):
+class KongConnector(http.HttpConnector):
     type_name = "kong"
     capabilities: ClassVar[base.Capabilities] = base.Capabilities(
         source=False, destination=True, watch=False, batch_writes=False, gateway=True)
@@ -316,24 +315,6 @@ class KongConnector(base.Connector):
         return representable(inst)
 
     # ---- lifecycle ------------------------------------------------------------------
-    async def open(self) -> None:
-        self.http.client()
-
-    async def close(self) -> None:
-        await self.http.close()
-
-    @property
-    def bases(self) -> list[str]:
-        return self.http.bases
-
-    @property
-    def calls(self) -> collections.Counter[str]:
-        return self.http.calls
-
-    async def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                    body: Any = None, idempotent: bool = False) -> httpx.Response:
-        return await self.http.send(method, path, params=params, body=body, idempotent=idempotent)
-
     async def _read(self, path: str, what: str, params: Mapping[str, Any] | None = None) -> Json | None:
         """The JSON body of a GET; None on 404; ReadError on anything else but 200."""
         try:

@@ -74,8 +74,7 @@ class MemoryConnector(base.Connector):
     async def apply(self, service: model.ServiceKey, plan: planner.Plan, ctx: base.ApplyContext
                     ) -> list[base.Outcome]:
         outcomes: list[base.Outcome] = []
-        ops = ([("delete", d) for d in plan.deletes] + [("update", u.new) for u in plan.updates]
-               + [("create", c) for c in plan.creates])
+        ops = plan.operations()
         for op, inst in ops:
             if self.store.fail_writes:
                 outcomes.append(base.Outcome(op, inst.address, False, "writes are failing", temporary=True))

@@ -766,8 +766,7 @@ class NacosConnector(base.Connector):
     async def apply(self, service: model.ServiceKey, plan: planner.Plan, ctx: base.ApplyContext
                     ) -> list[base.Outcome]:
         outcomes: list[base.Outcome] = []
-        ops = ([("delete", d) for d in plan.deletes] + [("update", u.new) for u in plan.updates]
-               + [("create", c) for c in plan.creates])
+        ops = plan.operations()
         for op, inst in ops:
             try:
                 await self._apply_one(service, op, inst)

@@ -394,8 +394,7 @@ class NginxConnector(base.Connector):
         return await asyncio.to_thread(self._apply, service, plan, ctx)
 
     def _apply(self, service: model.ServiceKey, plan: planner.Plan, ctx: base.ApplyContext) -> list[base.Outcome]:
-        ops = ([("delete", d) for d in plan.deletes] + [("update", u.new) for u in plan.updates]
-               + [("create", c) for c in plan.creates])
+        ops = plan.operations()
         if not ops:
             return []
         refused = {c.address: f"host {c.host!r} cannot go into an nginx config"

@@ -84,7 +84,6 @@ closed) raises PermanentError.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import hashlib
 import logging
@@ -384,7 +383,7 @@ class _Namespace:
         return {model.ServiceKey(ns, *split_service_name(name)) for ns in self.spellings}
 
 
-class PolarisConnector(base.Connector):
+class PolarisConnector(http.HttpConnector):
     type_name = "polaris"
     capabilities: ClassVar[base.Capabilities] = base.Capabilities(
         source=True, destination=True, watch=True, batch_writes=True, needs_heartbeats=False)
@@ -416,24 +415,6 @@ class PolarisConnector(base.Connector):
     # ---- lifecycle ------------------------------------------------------------------
     def representable(self, inst: model.Instance) -> model.Instance:
         return representable(inst)
-
-    async def open(self) -> None:
-        self.http.client()
-
-    async def close(self) -> None:
-        await self.http.close()
-
-    @property
-    def bases(self) -> list[str]:
-        return self.http.bases
-
-    @property
-    def calls(self) -> collections.Counter[str]:
-        return self.http.calls
-
-    async def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                    body: Any = None, idempotent: bool = False) -> httpx.Response:
-        return await self.http.send(method, path, params=params, body=body, idempotent=idempotent)
 
     @staticmethod
     def _body(resp: httpx.Response) -> Json:

@@ -42,6 +42,11 @@ class Plan:
         """True when nothing would be written (clashes are reported, not written)."""
         return not (self.creates or self.updates or self.deletes)
 
+    def operations(self) -> list[tuple[str, model.Instance]]:
+        """(op, instance) in the order destinations apply them: deletes, updates, creates."""
+        return ([("delete", d) for d in self.deletes] + [("update", u.new) for u in self.updates]
+                + [("create", c) for c in self.creates])
+
     def counts(self) -> dict[str, int]:
         return {"create": len(self.creates), "update": len(self.updates),
                 "delete": len(self.deletes), "clash": len(self.clashes)}
