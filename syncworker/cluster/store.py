@@ -48,8 +48,17 @@ RUNS_KEPT = 20000
 #: a rerun flag outlives any run; it only bounds garbage from a holder that died
 RERUN_TTL_MS = 3_600_000
 
+#: KEYS lock, rerun[, queued, running]; ARGV value, ttl, rerun ttl[, unit, running entry]. With a run's
+#: keys, the job leaves the queued set and (when it got the lock) enters the running set in the same step as
+#: the lock, so a worker killed at any point leaves either its queued entry or its running entry behind for
+#: the leader's sweep (a lock held with neither would strand the unit until its next pull).
 _ACQUIRE_OR_DEFER = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, '', 0} end
+local got = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if #KEYS > 2 then redis.call('HDEL', KEYS[3], ARGV[4]) end
+if got then
+  if #KEYS > 2 then redis.call('HSET', KEYS[4], ARGV[4], ARGV[5]) end
+  return {1, '', 0}
+end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 return {0, redis.call('GET', KEYS[1]) or '', redis.call('PTTL', KEYS[1])}
 """
@@ -58,6 +67,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 _RELEASE = """
+if #KEYS > 2 then
+  local cur = redis.call('HGET', KEYS[3], ARGV[2])
+  if cur and cjson.decode(cur)['token'] == ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[2]) end
+end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0, 0} end
 redis.call('DEL', KEYS[1])
 if #KEYS > 1 and redis.call('GETDEL', KEYS[2]) then return {1, 1} end
@@ -222,6 +235,26 @@ class Store:
         if got:
             return Lock(unit, value)
         return Busy(str(current).partition("|")[2], max(0, int(pttl)) / 1000)
+
+    def start_run(self, ref: Mapping[str, Any], holder: str, ttl: float) -> Lock | Busy:
+        """A job starts: as `lock_or_flag_rerun`, and in the same step its queued entry goes and, when it got
+        the lock, its running entry is written."""
+        unit = codec.key_of(ref)
+        value = f"{secrets.token_hex(8)}|{holder}"
+        entry = json.dumps({"worker": holder, "started": time.time(), "ref": dict(ref), "token": value})
+        got, current, pttl = self._acquire(
+            keys=[self.k("lock", unit), self.k("rerun", unit), self.k("queued"), self.k("running")],
+            args=[value, _ms(ttl), RERUN_TTL_MS, unit, entry])
+        if got:
+            return Lock(unit, value)
+        return Busy(str(current).partition("|")[2], max(0, int(pttl)) / 1000)
+
+    def finish_run(self, lock: Lock) -> bool:
+        """A job ends: its running entry (if still its own) goes and its lock is released in one step; True
+        when a rerun was flagged meanwhile (it is consumed)."""
+        _, rerun = self._release(keys=[self.k("lock", lock.key), self.k("rerun", lock.key), self.k("running")],
+                                 args=[lock.value, lock.key])
+        return bool(rerun)
 
     def try_lock(self, unit: str, holder: str, ttl: float) -> Lock | None:
         """Take the unit's lock if free; flags nothing."""

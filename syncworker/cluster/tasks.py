@@ -45,18 +45,16 @@ def reconcile_unit(self: Task, task: str, unit: str, service: list[str], **_: An
     me = process.identity()
     ref = {"task": task, "unit": unit, "service": list(service)}
     key = codec.key_of(ref)
-    st.dequeue(key)
     runs = 0
     outcome = "no run"
     while True:
-        got = st.lock_or_flag_rerun(key, me, cfg.lock_ttl)
+        got = st.start_run(ref, me, cfg.lock_ttl)
         if isinstance(got, store_mod.Busy):
             if got.holder and not st.alive(got.holder):
                 # the holder died: its lock runs out in got.ttl seconds, then this job runs
                 st.queue(ref, time.time() + got.ttl + 0.2)
                 raise self.retry(countdown=got.ttl + 0.2)
             return {"unit": key, "outcome": f"running on {got.holder}: rerun flagged", "runs": runs}
-        st.set_running(ref, me)
         start = time.time()
         result: unit_mod.Result | None = None
         state: unit_mod.UnitState | None = None
@@ -67,8 +65,7 @@ def reconcile_unit(self: Task, task: str, unit: str, service: list[str], **_: An
             log.exception("reconcile crashed", extra={"unit": key})
         finally:
             end = time.time()
-            st.clear_running(key)
-            rerun = st.release_lock(got)
+            rerun = st.finish_run(got)
             st.record_run(key, me, start, end, outcome)
         runs += 1
         if (result is not None and not result.ok) or outcome.startswith(("crashed", "lock lost")):

@@ -155,3 +155,32 @@ def test_unit_state_survives_between_runs(st: store_mod.Store) -> None:
     loaded = st.load_state("t:ns/svc")
     assert loaded == state
     assert codec.state_from_json(codec.state_to_json(state)) == state
+
+
+def test_a_started_run_is_never_invisible_to_the_sweep(st: store_mod.Store) -> None:
+    """Lock, queued entry and running entry change together, so a worker killed between any two steps
+    leaves a trace the leader's sweep acts on (before, a lock taken just before the kill stranded its unit)."""
+    ref = {"task": "t", "unit": "ns/svc", "service": ["ns", "", "svc"]}
+    assert st.queue(ref, time.time())
+    held = st.start_run(ref, "a", ttl=5)
+    assert isinstance(held, store_mod.Lock)
+    assert "t:ns/svc" not in st.queued() and st.running()["t:ns/svc"]["worker"] == "a"
+    assert st.queue(ref, time.time())  # a mark while it runs is a new job ...
+    busy = st.start_run(ref, "b", ttl=5)  # ... which finds it busy, flags a rerun and leaves the queue
+    assert isinstance(busy, store_mod.Busy) and busy.holder == "a"
+    assert "t:ns/svc" not in st.queued() and st.running()["t:ns/svc"]["worker"] == "a"
+    assert st.finish_run(held) is True
+    assert st.running() == {} and st.lock_holder("t:ns/svc") is None
+
+
+def test_a_run_that_lost_its_lock_leaves_the_new_holders_entry(st: store_mod.Store) -> None:
+    ref = {"task": "t", "unit": "ns/svc", "service": ["ns", "", "svc"]}
+    first = st.start_run(ref, "a", ttl=0.2)
+    assert isinstance(first, store_mod.Lock)
+    time.sleep(0.3)  # a stops renewing; its lock runs out
+    second = st.start_run(ref, "b", ttl=5)
+    assert isinstance(second, store_mod.Lock)
+    assert st.finish_run(first) is False
+    assert st.running()["t:ns/svc"]["worker"] == "b" and st.lock_holder("t:ns/svc") == "b"
+    st.finish_run(second)
+    assert st.running() == {}
