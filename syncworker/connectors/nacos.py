@@ -21,13 +21,13 @@ APIs. Nacos 3.x (detected by `GET /v3/admin/ns/service/list` answering) is used
 through its v3 admin API: `/v3/admin/ns/service` (detail: clusters, service kind),
 `/v3/admin/ns/instance/list` (one cluster per call, disabled and unhealthy instances
 included), `/v3/admin/ns/service/list` (the catalog, paged, every group, optionally
-with instances), `POST|PUT|DELETE /v3/admin/ns/instance`, `PUT /v3/admin/ns/cluster`,
+with instances), `POST|DELETE /v3/admin/ns/instance`, `PUT /v3/admin/ns/cluster`,
 and the v3 client API's heartbeat (`POST /v3/client/ns/instance?heartBeat=true`).
 3.x switches most v1/v2 APIs off by default (410 Gone: the catalog, v1 update, v1
 cluster), and the v1 client instance list hides disabled instances, so v1 is not an
 option there. Nacos 2.x (the v3 path answers 404) is used through `/v1/ns/instance`
-(POST, PUT, DELETE), `/v1/ns/instance/beat`, `/v1/ns/catalog/services` and
-`/v2/ns/catalog/instances` (2.2+, lists disabled instances; before 2.2 the fallback
+(POST, DELETE), `/v1/ns/instance/beat`, `PUT /v1/ns/cluster`, `/v1/ns/catalog/services`
+and `/v2/ns/catalog/instances` (2.2+, lists disabled instances; before 2.2 the fallback
 `/v1/ns/instance/list` cannot see disabled instances, so a disabled copy would be
 written again on every reconcile). The 2.x path was run against Nacos 3.1 with the
 compatibility switches on, not against a 2.x server.
@@ -103,12 +103,30 @@ Nacos serves instance lists from a cache refreshed about 0.5-0.6 s after a write
 (its push delay), so a read right after a write may not see it yet.
 
 Writes. One Outcome per operation, deletes first, then updates, then creates; 5xx,
-429 and connection failures are temporary, other refusals permanent. A create or an
-update registers the instance (POST: health, weight, enabled, metadata) and then
-updates it (PUT: Nacos keeps weight, enabled and metadata of an update as an overlay
-over the registration, and keeps that overlay for a while after a delete, so both are
-written to make the record exactly the copy). A delete names the stored kind (a delete
-of the wrong kind quietly deletes nothing in Nacos).
+429 and connection failures are temporary, other refusals permanent. A create and an
+update are one register each (POST with clusterName, ephemeral, weight, healthy,
+enabled and metadata, marks included), and nothing else: the register takes every
+field, and a register at an address that holds an instance replaces that record whole,
+ephemeral and persistent alike (both APIs, the v1 one with 3.1's compatibility switch
+on). The instance update API (PUT) is never used, because of what it does (read in
+Nacos's source and seen on 3.1.0): it does not change the registration but stores
+weight, enabled and metadata as "instance metadata" (NamingMetadataManager, keyed by
+service and ip:port:cluster), which every read lays over whatever instance is
+registered at that address: weight and enabled replace the instance's, metadata keys
+are merged in over the instance's own. It outlives the instance: Nacos drops it only
+about 60 s (`nacos.naming.clean.expired-metadata.expired-time`) after the address was
+last deregistered, and any register there before that keeps it for good; no API
+deletes it. Written with a copy, the overlay carried the ownership marks, so an
+application that registered itself at a copy's address (over HTTP Nacos identifies an
+ephemeral client by ip:port, so its record replaces the copy's) read back as the copy,
+and the sync rewrote it and deleted it with its source. Without an overlay it reads as
+the native it is, and the planner leaves it alone as a clash. Known limits: overlays
+written by syncworker versions that did register + update, or by editing a copy in the
+Nacos console, stay until the address has been free for about a minute; while they
+last, they decide weight and enabled of whatever is registered there (a copy whose
+weight or enabled then differs from its source is registered again at every reconcile
+without effect) and keep the marks on it. A delete names the stored kind (a delete of
+the wrong kind quietly deletes nothing in Nacos).
 
 Watch. Polling, not the gRPC push of the Nacos SDK (nacos-sdk-python): the push goes
 through the same server cache and delay, so it would gain at most the poll interval,
@@ -611,28 +629,15 @@ class NacosConnector(base.Connector):
         return await self._records_v1(service)
 
     async def _records_v3(self, service: model.ServiceKey) -> list[Json] | None:
-        """The service's detail (its clusters, its kind), then the instances of each cluster.
+        """The service's detail (its clusters, its kind) and the instances of each cluster.
 
         /v3/admin/ns/instance/list lists one cluster (DEFAULT when none is named) and keeps
-        disabled instances; the detail names the clusters.
+        disabled instances; the detail names the clusters. The clusters seen last time (DEFAULT
+        the first time) are listed while the detail is read, so a read costs one round trip,
+        not two; a cluster the detail names that was not guessed is listed after it.
         """
         form = self._service_form(service)
         what = f"read service {service}"
-        try:
-            detail = await self._call("GET", "/v3/admin/ns/service", params=form, what=what)
-        except NacosRefused as exc:
-            if _not_found(exc):
-                self._forget(service)
-                return None
-            raise
-        if not isinstance(detail, dict):
-            raise errors.ReadError(f"{self._where()}: {what}: unexpected answer {_short(detail)}")
-        clusters = detail.get("clusterMap") or {}
-        if not isinstance(clusters, dict):
-            raise errors.ReadError(f"{self._where()}: {what}: unexpected clusters {_short(clusters)}")
-        self._clusters[service] = {str(name): _ClusterInfo.of(info) for name, info in clusters.items()}
-        if isinstance(detail.get("ephemeral"), bool):
-            self._modes[service] = detail["ephemeral"]
 
         async def one(cluster: str) -> list[Json]:
             try:
@@ -647,7 +652,30 @@ class NacosConnector(base.Connector):
                                        f"{_short(data)}")
             return [h for h in data if isinstance(h, dict)]
 
-        lists = await asyncio.gather(*(one(c) for c in clusters))
+        guessed = sorted(self._clusters.get(service) or {DEFAULT_CLUSTER: _ClusterInfo()})
+        early = {c: asyncio.ensure_future(one(c)) for c in guessed}
+        try:
+            detail = await self._call("GET", "/v3/admin/ns/service", params=form, what=what)
+        except NacosRefused as exc:
+            await _drain(early.values())
+            if _not_found(exc):
+                self._forget(service)
+                return None
+            raise
+        except BaseException:
+            await _drain(early.values())
+            raise
+        if not isinstance(detail, dict) or not isinstance(detail.get("clusterMap") or {}, dict):
+            await _drain(early.values())
+            raise errors.ReadError(f"{self._where()}: {what}: unexpected answer {_short(detail)}")
+        clusters = detail.get("clusterMap") or {}
+        self._clusters[service] = {str(name): _ClusterInfo.of(info) for name, info in clusters.items()}
+        if isinstance(detail.get("ephemeral"), bool):
+            self._modes[service] = detail["ephemeral"]
+        try:
+            lists = await asyncio.gather(*(early[c] if c in early else one(c) for c in clusters))
+        finally:
+            await _drain(early.values())  # the guesses the detail did not name, and any left on an error
         return [rec for recs in lists for rec in recs]
 
     async def _records_v1(self, service: model.ServiceKey) -> list[Json] | None:
@@ -752,7 +780,7 @@ class NacosConnector(base.Connector):
         body["serviceName"] = f"{form['groupName']}{GROUP_SPLITTER}{form['serviceName']}"
         if method == "POST":
             await self._call(method, "/v1/ns/instance", data=body, what=what)
-        else:  # v1 update and delete read their parameters from the query string
+        else:  # the v1 delete (like the v1 update) reads its parameters from the query string
             await self._call(method, "/v1/ns/instance", params=body, what=what)
 
     def _new_copy_ephemeral(self, service: model.ServiceKey) -> bool:
@@ -796,10 +824,10 @@ class NacosConnector(base.Connector):
             ephemeral = not ephemeral
             await self._write("POST", self._form(service, inst, ephemeral), what)
         self._modes[service] = ephemeral
-        # A register (POST) sets health, weight, enabled and metadata, but Nacos lays the
-        # "instance metadata" of an update (PUT: weight, enabled, metadata) over it, and keeps
-        # that overlay for a while after a delete. Setting both makes the record exactly ours.
-        await self._write("PUT", self._form(service, inst, ephemeral), what)
+        # The register alone writes the whole record (and a register again replaces it). No
+        # update (PUT): Nacos keeps what an update sets as an overlay keyed by the address, lays
+        # it over whatever registers there later (an application too) and keeps it after a
+        # delete, so a native at a copy's address would read as the copy (module docstring).
         if not ephemeral:
             await self._health_checks_off(service, nacos_cluster(inst.cluster))
 
@@ -986,6 +1014,14 @@ class _ClusterInfo:
             port = 80
         return cls(kind.upper(), port, bool(info.get("useInstancePortForCheck", True)),
                    _str_map(info.get("metadata")))
+
+
+async def _drain(jobs: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel reads whose answer is not needed and collect them, so no error goes unretrieved."""
+    jobs = list(jobs)
+    for job in jobs:
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
 
 
 def _not_found(exc: NacosRefused) -> bool:

@@ -2,13 +2,15 @@
 
 Beyond the shared suite: groups round trip, the ephemeral/persistent choice for
 copies (what heartbeats, the preserved timeouts and persistence do over 40 s), the
-refusal to mix ephemeral and persistent instances in one service, watch latency, and
-login (auth on) with a clear error for a wrong password.
+refusal to mix ephemeral and persistent instances in one service, that writes leave no
+overlay at a copy's address (one register per write, nothing lingers after a delete),
+watch latency, and login (auth on) with a clear error for a wrong password.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 import uuid
@@ -286,6 +288,95 @@ def test_persistent_copies_switch_their_cluster_check_off(loop: Loop, http: str)
             assert nh.wait_for(lambda: raw.checker(svc, "C9") == "NONE")
         loop.run_until_complete(conn.heartbeat(svc, [want]))  # persistent: no beat is sent
         loop.run_until_complete(conn.heartbeat(svc, [want]))  # no beat API call for persistent records
+    finally:
+        _cleanup(loop, conn, svc)
+        loop.run_until_complete(conn.close())
+
+
+# ---- no overlay at a copy's address -----------------------------------------------------------
+#: liveness for natives registered here, so that nobody needs to beat them during a test
+_NATIVE_LIVENESS = {"preserved.heart.beat.interval": "5000", "preserved.heart.beat.timeout": "120000",
+                    "preserved.ip.delete.timeout": "120000"}
+
+
+def _requests(conn: NacosConnector) -> list[tuple[str, str]]:
+    """Record (method, path) of every request the connector sends from now on."""
+    sent: list[tuple[str, str]] = []
+    send = conn._send
+
+    async def counting(method: str, path: str, **kw):  # type: ignore[no-untyped-def]
+        sent.append((method, path))
+        return await send(method, path, **kw)
+
+    conn._send = counting  # type: ignore[method-assign]
+    return sent
+
+
+def _record(raw: nh.Raw, svc: model.ServiceKey, ip: str, port: int, check) -> dict:  # type: ignore[no-untyped-def]
+    """The record at ip:port once `check` accepts it (Nacos serves reads from a cache)."""
+    found: dict = {}
+
+    def probe() -> bool:
+        recs = [r for r in raw.records(svc) if r["ip"] == ip and r["port"] == port]
+        found.clear()
+        found.update(recs[0] if recs else {})
+        return bool(recs) and bool(check(recs[0]))
+
+    nh.wait_for(probe)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["ephemeral", "persistent"])
+def test_copies_leave_no_overlay_at_their_address(loop: Loop, http: str, kind: str) -> None:
+    """A copy is written by one register, an update by a register again, and nothing lingers.
+
+    Nacos lays what its instance update API (PUT) sets over any later registration at the
+    address, even after a delete (the module docstring of the connector). The connector
+    never sends one: an update replaces the record whole (a metadata key dropped is gone),
+    and an application registering at the address of a copy, or at one the sync just freed,
+    reads as itself, with no ownership mark.
+    """
+    ephemeral = kind == "ephemeral"
+    conn = _open(loop, nh.endpoint(http, name=f"nacos-{kind}", copies=kind))
+    svc = fresh_service("")
+    ip, port, freed = "127.0.0.91", 9300, "127.0.0.92"
+    try:
+        sent = _requests(conn)
+        first = conn.representable(copy(ip, port, weight=2.0, metadata={"gone": "soon"}))
+        other = conn.representable(copy(freed, port, weight=5.0))
+        _create(loop, conn, svc, first, other)
+        writes = [r for r in sent if r[0] != "GET"]
+        assert [m for m, path in writes if path.endswith("/ns/instance")] == ["POST", "POST"], writes
+        listing = loop.run_until_complete(wait_listing(conn, svc, lambda li: len(li.instances) == 2))
+        second = conn.representable(copy(ip, port, weight=4.0, enabled=False, metadata={"zone": "z2"}))
+        plan = planner.plan([second, other], listing.instances, OWNER)
+        assert len(plan.updates) == 1 and not plan.creates and not plan.deletes, plan
+        sent.clear()
+        _apply(loop, conn, svc, plan)
+        assert [r for r in sent if r[0] != "GET"] == [("POST", "/v3/admin/ns/instance")], sent
+        listing = loop.run_until_complete(wait_listing(conn, svc, lambda li: second in li.instances))
+        assert second in listing.instances and "gone" not in dict(second.metadata)
+        # the sync frees one address; an application takes it right away (within Nacos's
+        # expiry of instance metadata, about 60 s, so a leftover overlay would show)
+        _apply(loop, conn, svc, planner.Plan(deletes=(other,)))
+        with nh.raw(http) as raw:
+            assert nh.wait_for(lambda: not [r for r in raw.records(svc) if r["ip"] == freed])
+            # at the copy's address, the application's record replaces the copy's (Nacos keeps one
+            # record per ip:port and kind: over HTTP an ephemeral client is its ip:port)
+            targets = [(freed, "app-on-freed"), (ip, "app-on-copy")]
+            for host, who in targets:
+                answer = raw.call("POST", "/v3/client/ns/instance" if ephemeral else "/v3/admin/ns/instance",
+                                  **raw._form(svc, host, port), ephemeral=str(ephemeral).lower(), weight=3.0,
+                                  metadata=json.dumps({"who": who, **_NATIVE_LIVENESS}))
+                assert answer["status"] == 200, answer
+            for host, who in targets:
+                rec = _record(raw, svc, host, port, lambda r, who=who: r["metadata"].get("who") == who)
+                assert rec.get("metadata", {}).get("who") == who, rec
+                assert rec["weight"] == 3.0 and rec["enabled"] is True, rec
+                assert not marks.is_copy(rec["metadata"]), rec
+                assert set(rec["metadata"]) == {"who", *_NATIVE_LIVENESS}, rec
+            for host, _ in targets:
+                raw.deregister(svc, host, port, ephemeral=ephemeral)
     finally:
         _cleanup(loop, conn, svc)
         loop.run_until_complete(conn.close())

@@ -300,15 +300,6 @@ def test_native_at_copy_address_untouched(nacos: sandbox_base.Running, polaris: 
     asyncio.run(scenario())
 
 
-NACOS_OVERLAY = (
-    "Nacos lays the overlay of the Nacos connector's update (the PUT it sends after every register, "
-    "carrying weight, enabled and the copy's metadata with its ownership marks) over any later "
-    "registration at the same ip:port:cluster, so an application registering at a copy's address "
-    "reads as that copy: the sync treats it as its own, rewrites it when it differs, and deletes it "
-    "once the Polaris native goes")
-
-
-@pytest.mark.xfail(strict=True, reason=NACOS_OVERLAY)
 def test_nacos_native_registered_over_a_copy_untouched(nacos: sandbox_base.Running, polaris: sandbox_base.Running,
                                                       start_sync: StartSync) -> None:
     """A Nacos application registers at the address of a copy: its record must be left alone."""
