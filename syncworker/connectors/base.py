@@ -117,6 +117,15 @@ class Connector(abc.ABC):
     async def list_instances(self, service: model.ServiceKey) -> Listing:
         """Every instance of `service` (empty when the service does not exist)."""
 
+    async def read_destination(self, service: model.ServiceKey) -> Listing:
+        """`list_instances` for a service this connector is about to write to.
+
+        A destination may answer faster from what it knows about its own namespace (an
+        initial sync reads thousands of services that do not exist yet); a source read must
+        not, since a service that appeared a moment ago has to be read for real.
+        """
+        return await self.list_instances(service)
+
     async def apply(self, service: model.ServiceKey, plan: planner.Plan, ctx: ApplyContext
                     ) -> list[Outcome]:
         raise NotImplementedError(f"{self.type_name} cannot be a destination")

@@ -5,7 +5,8 @@ Endpoint: `addresses` may list `host:port` (http), `http://...`, `https://...` a
 ones are ignored here. Addresses are tried in order on connection errors and the
 last one that answered is used first afterwards. `token` is sent as
 `X-Polaris-Token` on every request. `options`: `verify` (bool or a CA bundle path),
-`timeout` (seconds, default 5), `touch_before_delete` (default true), and for the
+`timeout` (seconds, default 5), `touch_before_delete` (default true),
+`skip_absent_reads` (default true; see Reads), and for the
 watch `watch_interval` (default 0.2 s), `watch_gate` (default true), `watch_concurrency`
 (default 16), `services_interval` (default 1 s), `watch_fail_after` (default 30 s); see
 below.
@@ -47,7 +48,12 @@ Those queries make the server refresh its caches from the store before answering
 a read sees every write that returned. Instances are paged 100 at a time; Polaris
 orders them by modification time only, so when the pages do not add up (records
 modified in the same instant can swap places between pages) the listing is taken in
-one piece from the client Discover API instead, right after a cache refresh.
+one piece from the client Discover API instead, right after a cache refresh. As a
+destination (`read_destination`), a namespace read for 8 or more services within 2 s is
+listed whole once per 2 s, and a service missing from that list reads as empty with no
+request of its own (an initial sync into an empty namespace then costs one paged list
+per 2 s instead of one read per service); services it created, and any service a write
+to fails, count as present.
 Writes go in batches of 100 (the server's limit): deletes first, then updates, then
 creates; a create is an upsert in Polaris. Namespace and service are created first
 when missing ("existed resource" counts as success).
@@ -88,6 +94,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -141,6 +148,11 @@ REFRESH_PROBE = "syncworker.watch-refresh"
 REVISION_SETTLE = 0.02
 #: seconds during which every watched service of a namespace is polled after an ambiguous look
 HOT_WINDOW = 2.0
+#: a namespace read for this many services within one ABSENT_TTL is listed whole, so that services it
+#: does not hold are answered empty without a read each
+CATALOG_AFTER = 8
+#: how long a namespace's service list answers "absent" (a write failure of a service ends it early)
+ABSENT_TTL = 2.0
 
 
 # ---- mapping (pure) ---------------------------------------------------------------------
@@ -408,6 +420,11 @@ class PolarisConnector(http.HttpConnector):
         self.watch_fail_after = float(opts.get("watch_fail_after", 30.0))
         self._ensured: set[tuple[str, str]] = set()
         self._namespaces: set[str] = {DEFAULT_NAMESPACE}
+        self.skip_absent = bool(opts.get("skip_absent_reads", True))
+        #: namespace -> (monotonic time listed, service names then present)
+        self._present: dict[str, tuple[float, set[str]]] = {}
+        self._reads: dict[str, list[float]] = {}
+        self._listing: dict[str, asyncio.Lock] = {}
         headers = {"X-Polaris-Token": self.endpoint.token} if self.endpoint.token else {}
         self.http = http.Transport(bases, timeout=self.timeout, verify=self.verify, headers=headers,
                                    auth=None, max_connections=max(32, self.watch_concurrency * 2))
@@ -511,6 +528,12 @@ class PolarisConnector(http.HttpConnector):
                 return sorted(model.ServiceKey(namespace, *split_service_name(n)) for n in names)
         raise errors.ReadError(f"polaris {self.name}: {what}: the list changed while it was paged; try again")
 
+    async def read_destination(self, service: model.ServiceKey) -> base.Listing:
+        pns, pname = self._where(service)
+        if self.skip_absent and await self._known_absent(pns, pname):
+            return base.Listing(())
+        return await self.list_instances(service)
+
     async def list_instances(self, service: model.ServiceKey) -> base.Listing:
         pns, pname = self._where(service)
         records = await self._instance_records(pns, pname)
@@ -519,6 +542,44 @@ class PolarisConnector(http.HttpConnector):
             log.warning("skipped malformed polaris instances", extra={
                 "endpoint": self.name, "service": str(service), "count": len(skipped), "first": skipped[0]})
         return base.Listing(tuple(good), tuple(skipped))
+
+    async def _known_absent(self, pns: str, pname: str) -> bool:
+        """Whether a fresh list of the namespace's services says `pname` does not exist.
+
+        An initial sync reads thousands of destination services that do not exist yet; one
+        paged service list per ABSENT_TTL answers those without a read each (the console
+        list refreshes the server's cache first, so it sees every write that returned). The
+        list is only taken for a namespace read for CATALOG_AFTER services within that time,
+        services this connector created count as present, and a failed write to a service
+        marks it present, so a service someone else created meanwhile costs at most one
+        failed write and a retry, never a wrong delete (an empty listing plans no deletes).
+        """
+        if (pns, pname) in self._ensured:
+            return False
+        now = time.monotonic()
+        known = self._present.get(pns)
+        if known is None or now - known[0] > ABSENT_TTL:
+            recent = [t for t in self._reads.get(pns, []) if now - t <= ABSENT_TTL]
+            recent.append(now)
+            self._reads[pns] = recent[-CATALOG_AFTER:]
+            if len(recent) < CATALOG_AFTER:
+                return False
+            async with self._listing.setdefault(pns, asyncio.Lock()):
+                known = self._present.get(pns)
+                if known is None or time.monotonic() - known[0] > ABSENT_TTL:
+                    started = time.monotonic()
+                    try:
+                        names = {polaris_service_name(k) for k in await self.list_services(pns)}
+                    except errors.SyncError:
+                        return False
+                    known = (started, names)
+                    self._present[pns] = known
+        return pname not in known[1]
+
+    def _mark_present(self, pns: str, pname: str) -> None:
+        known = self._present.get(pns)
+        if known is not None:
+            known[1].add(pname)
 
     async def _instance_records(self, pns: str, pname: str) -> list[Any]:
         what = f"list instances of {pns}/{pname}"
@@ -616,6 +677,8 @@ class PolarisConnector(http.HttpConnector):
                         self._ensured.discard((pns, pname))
                         self._namespaces.discard(pns)
                     results[i] = base.Outcome(o, inst.address, ok, error, temporary)
+        if not all(r.ok for r in results.values()):
+            self._mark_present(pns, pname)
         return [results[i] for i in range(len(items))]
 
     async def _touch(self, pns: str, pname: str, doomed: list[model.Instance]) -> None:
@@ -667,6 +730,7 @@ class PolarisConnector(http.HttpConnector):
             if kind == "namespace":
                 self._namespaces.add(pns)
         self._ensured.add((pns, pname))
+        self._mark_present(pns, pname)
         return None
 
     # ---- watch ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ side ends the run with a temporary error and no write at all.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
@@ -77,8 +78,8 @@ async def reconcile(unit: Unit, source: base.Connector, dest: base.Connector, st
     state.last_run = time.time()
     state.runs += 1
     try:
-        src = await source.list_instances(unit.source_service)
-        dst = await dest.list_instances(unit.dest_service)
+        # both reads at once: a unit's latency is then the slower read, not their sum
+        src, dst = await _both(source.list_instances(unit.source_service), dest.read_destination(unit.dest_service))
     except errors.SyncError as exc:
         return _failed(state, f"read failed, nothing changed: {exc}", temporary=isinstance(
             exc, errors.TemporaryError))
@@ -126,6 +127,16 @@ async def reconcile(unit: Unit, source: base.Connector, dest: base.Connector, st
     state.error = (f"{len(verdict.held)} delete(s) held ({verdict.reason})" if verdict.held else "")
     state.last_ok = state.last_run
     return Result(True, p, tuple(outcomes), recheck_in=recheck)
+
+
+async def _both(first: Awaitable[base.Listing], second: Awaitable[base.Listing]) -> tuple[base.Listing, base.Listing]:
+    """Await both reads; if either fails, raise its error (the first one's when both do)."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    for got in (a, b):
+        if isinstance(got, BaseException):
+            raise got
+    assert isinstance(a, base.Listing) and isinstance(b, base.Listing)
+    return a, b
 
 
 def _failed(state: UnitState, msg: str, *, temporary: bool, plan: planner.Plan | None = None) -> Result:

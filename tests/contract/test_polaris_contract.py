@@ -147,6 +147,35 @@ def test_inconsistent_paging_falls_back_to_one_snapshot(loop: Loop, polaris: san
         loop.run_until_complete(conn.close())
 
 
+def test_destination_reads_of_absent_services_cost_one_listing(loop: Loop, connector: pc.PolarisConnector,
+                                                               raw: RawPolaris) -> None:
+    """An initial sync reads many destination services that do not exist yet: after CATALOG_AFTER of
+    them, one service list answers the rest; a service that exists (natives included) is still read."""
+    ns = f"contract-absent-{uuid.uuid4().hex[:6]}"
+    native = fresh_service(ns)
+    loop.run_until_complete(raw.register(ns, native.name, "127.0.7.1", 7001))
+    absent = [fresh_service(ns) for _ in range(pc.CATALOG_AFTER + 20)]
+    reads = connector.calls["GET /naming/v1/instances"]
+    lists = connector.calls["GET /naming/v1/services"]
+    for svc in absent:
+        assert loop.run_until_complete(connector.read_destination(svc)).instances == ()
+    assert connector.calls["GET /naming/v1/instances"] - reads == pc.CATALOG_AFTER - 1
+    assert connector.calls["GET /naming/v1/services"] - lists == 1
+    got = loop.run_until_complete(connector.read_destination(native)).instances
+    assert [i.address for i in got] == [("127.0.7.1", 7001)]
+    # a service this connector creates is read for real from then on, within the same listing's life
+    mine = absent[-1]
+    out = loop.run_until_complete(connector.apply(mine, planner.Plan(creates=(copy("127.0.7.2", 7002),)), CTX))
+    assert all(o.ok for o in out), out
+    assert [i.address for i in loop.run_until_complete(connector.read_destination(mine)).instances] == [
+        ("127.0.7.2", 7002)]
+    # a source read never takes the shortcut
+    late = fresh_service(ns)
+    loop.run_until_complete(raw.register(ns, late.name, "127.0.7.3", 7003))
+    assert [i.address for i in loop.run_until_complete(connector.list_instances(late)).instances] == [
+        ("127.0.7.3", 7003)]
+
+
 def test_namespace_and_service_are_created(loop: Loop, connector: pc.PolarisConnector, raw: RawPolaris) -> None:
     ns = f"contract-auto-{uuid.uuid4().hex[:8]}"
     svc = model.ServiceKey(ns, "grp", f"svc-{uuid.uuid4().hex[:6]}")
