@@ -93,6 +93,8 @@ class RedisSource:
     def _read(self) -> models.RegistryConfig | None:
         stored = self.store.pushed_config()
         if stored is None:
+            # none (yet, or Redis restarted empty): the next push, whatever its version, is read
+            self.version = 0
             return None
         self.version = stored.version
         try:

@@ -3,14 +3,17 @@
 Any scheduler serves it, leader or standby, since everything comes from Redis.
 `/metrics` adds the cluster's own gauges to the per-unit ones (the leader's
 identity as a label, live workers, held duties, queued and running units), and
-`/cluster` answers the same facts as JSON (what `syncworker status` prints).
+`/cluster` answers the same facts as JSON (what `syncworker status` prints), with
+each worker's share of the work: reconciles run, their share of all runs, and
+distinct units run, from the finished-runs stream (gone workers included).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,18 +22,41 @@ from syncworker.cluster import store as store_mod
 from syncworker.runtime import status_http
 
 
-def cluster_info(st: store_mod.Store) -> dict[str, object]:
+def work_shares(st: store_mod.Store, alive: Iterable[str] = ()) -> dict[str, dict[str, object]]:
+    """Per worker, from the finished-runs stream (the last `RUNS_KEPT` runs): reconciles run, the share of all
+    runs (%), distinct units run, and whether the worker is alive now; gone workers included."""
+    runs: collections.Counter[str] = collections.Counter()
+    units: dict[str, set[str]] = collections.defaultdict(set)
+    for run in st.runs():
+        runs[run["worker"]] += 1
+        units[run["worker"]].add(run["unit"])
+    total = sum(runs.values())
+    live = set(alive)
+    return {w: {"runs": n, "share": round(100.0 * n / total, 1), "units": len(units[w]), "alive": w in live}
+            for w, n in sorted(runs.items())}
+
+
+def cluster_info(st: store_mod.Store, work: bool = True) -> dict[str, object]:
+    """The cluster's facts; with `work`, each worker's runs and units too (reads the runs stream)."""
     members = st.members()
-    return {
+    workers = {k: v for k, v in sorted(members.items()) if v.get("role") == "worker"}
+    info: dict[str, object] = {
         "leader": st.leader() or "",
         "applied_version": st.applied_version(),
         "pushed_version": st.pushed_version(),
-        "workers": {k: v for k, v in sorted(members.items()) if v.get("role") == "worker"},
+        "workers": workers,
         "schedulers": {k: v for k, v in sorted(members.items()) if v.get("role") == "scheduler"},
         "duties": dict(sorted(st.leases().items())),
         "queued": len(st.queued()),
         "running": len(st.running()),
     }
+    if work:
+        shares = work_shares(st, workers)
+        info["work"] = shares
+        for ident, about in workers.items():  # `syncworker status` shows these in each worker's row
+            mine = shares.get(ident, {"runs": 0, "share": 0.0, "units": 0})
+            about.update(runs=mine["runs"], units=mine["units"], share=f"{mine['share']}%")
+    return info
 
 
 def cluster_metrics(info: dict[str, object], leading: bool) -> bytes:
@@ -79,7 +105,7 @@ class ClusterStatusServer(status_http.StatusServer):
             await super()._handle(replay, writer)
             return
         try:
-            info = cluster_info(self.store)
+            info = cluster_info(self.store, work=path == "/cluster")
             if path == "/cluster":
                 ctype, body = "application/json", json.dumps(info, default=str).encode()
             else:

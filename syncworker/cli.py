@@ -283,17 +283,27 @@ def worker(concurrency: int | None = typer.Option(
            hostname: str | None = typer.Option(
                None, "-n", "--hostname", help="Celery node name (default syncworker@<host>)"),
            pool: str | None = typer.Option(
-               None, "--pool", help="threads (default), prefork or solo (default SYNCWORKER_WORKER_POOL)")) -> None:
+               None, "--pool", help="threads (default), prefork or solo (default SYNCWORKER_WORKER_POOL)"),
+           supervise: bool = typer.Option(
+               True, "--supervise/--no-supervise",
+               help="run the Celery worker as a child process and start it again when it exits unexpectedly "
+                    "(a Redis restart makes Celery 5.7 exit)")) -> None:
     """Run a cluster worker: a Celery worker taking reconciles and duties from the cluster's Redis."""
+    st = settings.Settings()
+    logs.setup(st.log_level, st.log_format == "json")
+    opts = [f"--concurrency={concurrency or st.worker_concurrency}", f"--pool={pool or st.worker_pool}",
+            f"--hostname={hostname or 'syncworker@%h'}"]
+    if supervise:
+        from syncworker.cluster import supervise as supervise_mod
+
+        child = [sys.executable, "-m", "syncworker.cli", "worker", "--no-supervise", *opts]
+        raise typer.Exit(supervise_mod.supervise(child))
+
     from syncworker.cluster import celery_app
     from syncworker.cluster import tasks as _tasks  # noqa: F401 - registers the tasks
 
-    st = settings.Settings()
-    logs.setup(st.log_level, st.log_format == "json")
-    argv = ["worker", f"--concurrency={concurrency or st.worker_concurrency}", f"--pool={pool or st.worker_pool}",
-            f"--hostname={hostname or 'syncworker@%h'}", f"--queues={st.redis_prefix}",
-            f"--loglevel={st.log_level.upper()}", "--without-gossip", "--without-mingle", "--task-events"]
-    celery_app.app.worker_main(argv)
+    celery_app.app.worker_main(["worker", *opts, f"--queues={st.redis_prefix}", f"--loglevel={st.log_level.upper()}",
+                                "--without-gossip", "--without-mingle", "--task-events"])
 
 
 @app.command()

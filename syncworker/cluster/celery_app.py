@@ -8,6 +8,11 @@ which an unacknowledged message goes to another worker) is sized to the longest
 job, a duty that hands its lease back after `duty_max` seconds; a dead worker's
 reconcile does not wait for it, the leader dispatches it again sooner.
 
+The broker connection is retried for ever, at start and after a loss. An idle
+worker reconnects by itself when Redis comes back; one that loses the connection
+while jobs run exits (a Celery/kombu 5.7 bug, see `supervise`), and `syncworker
+worker` starts it again.
+
 Task names are readable (`syncworker.reconcile`, `syncworker.watch`,
 `syncworker.heartbeat`) and their kwargs name the task and the unit, so Flower
 lists jobs such as `syncworker.reconcile(task="nacos-to-polaris", unit="public/foo")`.
@@ -41,7 +46,11 @@ def make_app(st: settings_mod.Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
+        # reconnect after a lost broker connection, and wait for the broker at start, for ever; what
+        # Celery 5.7 cannot survive (a connection lost with jobs running) `syncworker worker` restarts
+        broker_connection_retry=True,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
         task_default_queue=st.redis_prefix,
         task_serializer="json",
         result_serializer="json",

@@ -23,6 +23,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from syncworker.cluster import store as store_mod
+from syncworker.cluster import supervise
 from syncworker.config import models
 from syncworker.config import settings as settings_mod
 from syncworker.connectors import base, registry
@@ -128,6 +129,8 @@ async def connector(cfg: models.EndpointConfig) -> base.Connector:
 def start_beat(st: store_mod.Store, ttl: float, **info: object) -> threading.Thread:
     """Say 'alive' every third of `ttl` until the process ends (also while it shuts down: its jobs finish)."""
     me = identity()
+    if (parent := supervise.supervisor_pid()) is not None:
+        info = {**info, "supervisor": parent}  # the `syncworker worker` that restarts this process
 
     def beat() -> None:
         while True:

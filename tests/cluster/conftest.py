@@ -1,5 +1,7 @@
 """Cluster tests: real Redis, ZooKeeper and Polaris from the sandbox; real scheduler and worker processes.
 
+Workers are `syncworker worker` supervisors: the Celery worker (whose identity is
+host:pid in the store) is their child; `Cluster.worker_identity` finds it.
 Every test gets its own key prefix in Redis (which is also its Celery queue) and
 its own ZooKeeper root, so tests never see each other's state. Processes are
 started with `python -m syncworker.cli ...` in their own process group, and every
@@ -110,7 +112,21 @@ class Cluster:
                               capture_output=True, text=True, timeout=timeout)
 
     def identity(self, proc: Proc) -> str:
+        """A scheduler's identity (host:pid of the process started)."""
         return f"{os.uname().nodename}:{proc.pid}"
+
+    def worker_identity(self, proc: Proc, timeout: float = 40) -> str:
+        """The identity of the live Celery worker that `syncworker worker` `proc` supervises (host:pid of its
+        child, which changes when the supervisor starts the child again)."""
+        return str(wait_for(lambda: next((k for k, v in self.store.members().items()
+                                          if v.get("role") == "worker" and v.get("supervisor") == proc.pid), None),
+                            timeout, what=f"{proc.name} to be a live worker"))
+
+    def worker_identities(self, procs: dict[str, Proc]) -> dict[str, str]:
+        """{identity: name} of the live workers these supervisors run now."""
+        by_pid = {p.pid: name for name, p in procs.items()}
+        return {k: by_pid[v["supervisor"]] for k, v in self.store.members().items()
+                if v.get("role") == "worker" and v.get("supervisor") in by_pid}
 
     def workers_alive(self) -> set[str]:
         return {k for k, v in self.store.members().items() if v.get("role") == "worker"}

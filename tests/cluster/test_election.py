@@ -1,10 +1,11 @@
-"""Leader election through a real ZooKeeper: failover after kill -9, handover on SIGTERM, and no
-dispatch once the ZooKeeper session is in doubt."""
+"""Leader election through a real ZooKeeper: failover after kill -9, handover on SIGTERM, no
+dispatch once the ZooKeeper session is in doubt, and a leader again after ZooKeeper restarts."""
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +14,9 @@ from scheduler import election as election_mod
 from syncworker.cluster import dispatch
 from syncworker.cluster import store as store_mod
 from syncworker.sandbox import base as sandbox
+from syncworker.sandbox import catalog
 
-from .conftest import Cluster, wait_for
+from .conftest import Cluster, cluster_env, running_cluster, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -94,3 +96,41 @@ def test_losing_zookeeper_stops_dispatching_at_once(peers: Any, redis_url: str) 
         elect.stop()
         zk.stop()
         st.flush()
+
+
+def test_a_leader_again_after_zookeeper_restarts(request: pytest.FixtureRequest, peers: Any, redis_url: str,
+                                                 tmp_path: Path) -> None:
+    zk: sandbox.Running = peers.fresh("zookeeper")  # this test's own: restarted on its port and data
+    try:
+        env = cluster_env(redis_url, zk.endpoints["zookeeper"])
+        with running_cluster(request, env, tmp_path) as cluster:
+            procs = {}
+            for i in range(2):
+                proc = cluster.scheduler(f"scheduler-{i}")
+                procs[cluster.identity(proc)] = proc
+
+            def leading() -> list[str]:
+                return sorted(k for k, v in cluster.store.members().items()
+                              if v.get("role") == "scheduler" and v.get("leading") and k in procs)
+
+            wait_for(lambda: len(leading()) == 1, 30, what="a first leader")
+            t0 = time.monotonic()
+            zk.kill()
+            wait_for(lambda: not leading(), 15, what="leadership to end with ZooKeeper")
+            dropped = time.monotonic() - t0
+            time.sleep(2.0)
+            zk.restart()
+            catalog.get("zookeeper").wait_ready(zk)
+            t1 = time.monotonic()
+            again = wait_for(lambda: (lead := leading()) and len(lead) == 1 and lead, 60, every=0.1,
+                             what="a leader again after ZooKeeper restarted")
+            back = time.monotonic() - t1
+            wait_for(lambda: cluster.store.leader() == again[0], 10, what="the new leader to lead in the store")
+            print(f"ZooKeeper killed: no scheduler leads after {dropped:.2f}s; restarted: {again[0]} leads "
+                  f"{back:.2f}s later")
+            assert all(p.alive() for p in procs.values())
+            # exactly one leads, and stays the only one
+            time.sleep(2.0)
+            assert leading() == again
+    finally:
+        zk.stop()

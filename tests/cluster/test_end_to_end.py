@@ -1,11 +1,14 @@
-"""Cluster mode end to end: a scheduler and two worker processes sync a real Polaris into itself.
+"""Cluster mode end to end: a scheduler and three worker processes sync a real Polaris into itself.
 
 The task copies every service of one namespace into another (`dest_namespace`),
 so one Polaris is both source and destination. The tests share one cluster and
-run in order: initial sync with a worker killed (SIGKILL) mid-sync, a change
-carried by the watch duty (pull is 5 minutes away), config pushes (applied within
-5 s; a bad one refused with the old one kept; a removed task cleaned up), and the
-status surfaces.
+run in order: initial sync with one of three workers killed (SIGKILL) mid-sync
+(exactly the expected instances at the end, and each worker's share of the
+units printed), a change carried by the watch duty (pull is 5 minutes away), the
+watch duty's holder killed (another worker holds it within the lease TTL plus
+the leader's sweep period, and changes flow again), config pushes (applied
+within 5 s; a bad one refused with the old one kept; a removed task cleaned up),
+and the status surfaces.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from scheduler import leader as leader_mod
 from syncworker import marks, model
 from syncworker.connectors import base, registry
 from syncworker.reconcile import planner
@@ -36,10 +40,13 @@ pytestmark = pytest.mark.peers
 TAG = uuid.uuid4().hex[:6]
 SRC, DST = f"cl-src-{TAG}", f"cl-dst-{TAG}"
 SRC2, DST2 = f"cl-src2-{TAG}", f"cl-dst2-{TAG}"
-SERVICES = 24
+SERVICES = 30
 PER_SERVICE = 4
 #: writes per second for the whole cluster: the initial sync takes a few seconds, time to kill a worker
 RATE = 30
+WORKERS = ("worker-a", "worker-b", "worker-c")
+#: SYNCWORKER_LEASE_TTL of the test clusters (conftest.cluster_env)
+LEASE_TTL = 4.0
 
 
 def addr(s: int, i: int) -> model.Address:
@@ -114,7 +121,7 @@ class E2E:
         self.tmp = tmp
         self.expected: dict[str, list[model.Address]] = {
             f"svc-{s}": sorted(addr(s, i) for i in range(PER_SERVICE)) for s in range(SERVICES)}
-        self.workers = {name: cluster.worker(name) for name in ("worker-a", "worker-b")}
+        self.workers = {name: cluster.worker(name) for name in WORKERS}
 
     def push(self, cfg: dict[str, Any], name: str) -> Any:
         path = self.tmp / name
@@ -139,31 +146,36 @@ def e2e(request: pytest.FixtureRequest, peers: Any, redis_url: str, zookeeper: s
     with running_cluster(request, cluster_env(redis_url, zookeeper), tmp) as cluster:
         cluster.scheduler("scheduler", "--status-port", "0")
         env = E2E(cluster, polaris, tmp)
-        wait_for(lambda: len(cluster.workers_alive()) == 2 and cluster.store.leader(), 40,
-                 what="a leader and two live workers")
+        wait_for(lambda: len(cluster.workers_alive()) == len(WORKERS) and cluster.store.leader(), 60,
+                 what="a leader and three live workers")
         yield env
 
 
 def test_sync_completes_exactly_after_a_worker_is_killed_mid_sync(e2e: E2E) -> None:
     st = e2e.cluster.store
+    ids = {name: e2e.cluster.worker_identity(proc) for name, proc in e2e.workers.items()}
     victim = e2e.workers["worker-a"]
-    victim_id = e2e.cluster.identity(victim)
+    victim_id = ids["worker-a"]
     t0 = time.monotonic()
     pushed = e2e.push(config(e2e.main_task()), "main.json")
     assert pushed.returncode == 0, pushed.stderr
-    # kill worker-a while it is in the middle of reconciles (it holds unit locks)
-    wait_for(lambda: any(r["worker"] == victim_id for r in st.running().values()), 30,
-             every=0.01, what="worker-a to be reconciling")
+    # kill worker-a (supervisor and Celery worker) in the middle of reconciles: it finished some, holds others
+    wait_for(lambda: any(r["worker"] == victim_id for r in st.running().values())
+             and any(r["worker"] == victim_id for r in st.runs()), 30,
+             every=0.01, what="worker-a to have run a unit and to be reconciling another")
     done_before = len({r["unit"] for r in st.runs() if r["outcome"] == "ok"})
     victim.kill()
     killed_at = time.monotonic() - t0
     assert done_before < SERVICES, "the sync finished before the kill; slow it down (RATE)"
     wait_for(e2e.converged, 90, every=0.5, what="every destination service to hold the expected copies")
     total = time.monotonic() - t0
-    print(f"initial sync of {SERVICES * PER_SERVICE} instances: worker killed at {killed_at:.1f}s "
-          f"({done_before} units done), converged at {total:.1f}s")
-    for svc in e2e.expected:
-        for inst in e2e.polaris.listing(DST, svc):
+    print(f"initial sync of {SERVICES * PER_SERVICE} instances with {len(WORKERS)} workers: worker-a killed at "
+          f"{killed_at:.1f}s ({done_before} units done), converged at {total:.1f}s")
+    # exactly the expected instances, every one a copy owned by the task
+    for svc, want in e2e.expected.items():
+        listing = e2e.polaris.listing(DST, svc)
+        assert sorted(i.address for i in listing) == want, svc
+        for inst in listing:
             assert marks.owned_by(inst, "cl-main", "pol-src"), inst
     # a unit never ran on two workers at once
     by_unit: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
@@ -173,27 +185,67 @@ def test_sync_completes_exactly_after_a_worker_is_killed_mid_sync(e2e: E2E) -> N
         runs.sort(key=lambda r: r["start"])
         for before, after in itertools.pairwise(runs):
             assert after["start"] >= before["end"], (unit, before, after)
-    survivor = e2e.cluster.identity(e2e.workers["worker-b"])
-    assert any(r["worker"] == survivor for r in st.runs())
-    e2e.workers["worker-c"] = e2e.cluster.worker("worker-c")  # back to two workers
+    # every one of the three workers took a share of the units (as `syncworker status --json` reports it)
+    shown = e2e.cluster.cli("status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    work = json.loads(shown.stdout)["cluster"]["work"]
+    print("share of the initial sync per worker: " + ", ".join(
+        f"{name} {work.get(ident, {}).get('units', 0)} units / {work.get(ident, {}).get('runs', 0)} runs "
+        f"({work.get(ident, {}).get('share', 0.0)}%)" for name, ident in ids.items()))
+    for name, ident in ids.items():
+        assert work.get(ident, {}).get("units", 0) >= 1, (name, work)
+    assert work[victim_id]["alive"] is False
+    assert sum(w["runs"] for w in work.values()) == len(st.runs())
+    e2e.workers["worker-d"] = e2e.cluster.worker("worker-d")  # back to three workers
+    e2e.cluster.worker_identity(e2e.workers["worker-d"])
+
+
+def _watch_holder(st: Any) -> str:
+    return str(wait_for(lambda: (lease := st.lease("watch:cl-main")) and lease["owner"], 20,
+                        what="a worker to hold the watch duty"))
+
+
+def _change_propagates(e2e: E2E, svc: int, add: model.Address, remove: model.Address, limit: float) -> float:
+    t0 = time.monotonic()
+    e2e.polaris.register(SRC, f"svc-{svc}", add)
+    e2e.polaris.deregister(SRC, f"svc-{svc + 1}", remove)
+    e2e.expected[f"svc-{svc}"] = sorted([*e2e.expected[f"svc-{svc}"], add])
+    e2e.expected[f"svc-{svc + 1}"] = [a for a in e2e.expected[f"svc-{svc + 1}"] if a != remove]
+    wait_for(lambda: e2e.polaris.addresses(DST, f"svc-{svc}") == e2e.expected[f"svc-{svc}"]
+             and e2e.polaris.addresses(DST, f"svc-{svc + 1}") == e2e.expected[f"svc-{svc + 1}"], limit * 2,
+             every=0.1, what="the change to reach the destination")
+    return time.monotonic() - t0
 
 
 def test_a_change_propagates_through_the_watch_duty(e2e: E2E) -> None:
-    st = e2e.cluster.store
-    holder = wait_for(lambda: (lease := st.lease("watch:cl-main")) and lease["owner"], 20,
-                      what="a worker to hold the watch duty")
+    holder = _watch_holder(e2e.cluster.store)
     assert holder in e2e.cluster.workers_alive()
-    t0 = time.monotonic()
-    e2e.polaris.register(SRC, "svc-0", ("10.7.7.7", 8080))
-    e2e.polaris.deregister(SRC, "svc-1", addr(1, 0))
-    e2e.expected["svc-0"] = sorted([*e2e.expected["svc-0"], ("10.7.7.7", 8080)])
-    e2e.expected["svc-1"] = [a for a in e2e.expected["svc-1"] if a != addr(1, 0)]
-    wait_for(lambda: e2e.polaris.addresses(DST, "svc-0") == e2e.expected["svc-0"]
-             and e2e.polaris.addresses(DST, "svc-1") == e2e.expected["svc-1"], 10, every=0.1,
-             what="the change to reach the destination")
-    latency = time.monotonic() - t0
+    latency = _change_propagates(e2e, 0, ("10.7.7.7", 8080), addr(1, 0), 5.0)
     print(f"watch duty on {holder}: change propagated in {latency:.2f}s")
     assert latency < 5.0
+
+
+def test_the_watch_duty_moves_when_its_worker_is_killed(e2e: E2E) -> None:
+    st = e2e.cluster.store
+    holder = _watch_holder(st)
+    names = e2e.cluster.worker_identities(e2e.workers)
+    victim = e2e.workers[names[holder]]
+    t0 = time.monotonic()
+    victim.kill()
+    limit = LEASE_TTL + leader_mod.SWEEP_EVERY
+    second = wait_for(lambda: (lease := st.lease("watch:cl-main")) and lease["owner"] != holder and lease["owner"],
+                      limit + 10, every=0.05, what="another worker to hold the watch duty")
+    moved = time.monotonic() - t0
+    print(f"watch duty moved from {names[holder]} to {names.get(second, second)} {moved:.2f}s after kill -9 "
+          f"(limit: lease TTL {LEASE_TTL:.0f}s + sweep period {leader_mod.SWEEP_EVERY:.0f}s)")
+    assert moved < limit
+    assert second in e2e.cluster.workers_alive()
+    latency = _change_propagates(e2e, 2, ("10.7.7.8", 8080), addr(3, 0), 5.0)
+    print(f"then a change propagated through the new holder in {latency:.2f}s")
+    assert latency < 5.0
+    assert e2e.converged()
+    e2e.workers["worker-e"] = e2e.cluster.worker("worker-e")  # back to three workers
+    e2e.cluster.worker_identity(e2e.workers["worker-e"])
 
 
 def test_config_push_takes_effect_within_5s_and_a_bad_one_is_refused(e2e: E2E) -> None:
@@ -235,12 +287,19 @@ def test_status_surfaces_read_the_store(e2e: E2E) -> None:
     assert cli.returncode == 0, cli.stderr
     data = json.loads(cli.stdout)
     assert data["cluster"]["leader"] == e2e.cluster.store.leader()
-    assert len(data["cluster"]["workers"]) == 2
+    assert len(data["cluster"]["workers"]) == 3
+    # per worker: runs and units, for the live ones in the table too
+    work = data["cluster"]["work"]
+    assert sum(w["runs"] for w in work.values()) == len(e2e.cluster.store.runs())
+    for ident, about in data["cluster"]["workers"].items():
+        assert about["runs"] == work.get(ident, {}).get("runs", 0), (ident, about, work)
     units = {r["unit"]: r for r in data["units"]}
     assert len(units) == SERVICES
     assert all(r["outcome"] == "ok" and r["in_sync"] == len(e2e.expected[r["service"].split("/")[1]])
                for r in units.values()), units
-    assert e2e.cluster.cli("status").returncode == 0
+    table = e2e.cluster.cli("status")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.count("runs=") == 3, table.stdout
     log = next(p for p in e2e.cluster.procs if p.name == "scheduler").log.read_text()
     url = re.search(r'url="(http://127\.0\.0\.1:\d+)/status"', log)
     assert url, log[-2000:]

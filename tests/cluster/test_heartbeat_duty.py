@@ -56,7 +56,7 @@ def test_heartbeat_duty_moves_to_another_worker(request: pytest.FixtureRequest, 
     dest = model.ServiceKey("", "", svc)
     with running_cluster(request, env, tmp_path) as cluster:
         cluster.scheduler()
-        workers = {cluster.identity(p): p for p in (cluster.worker("worker-a"), cluster.worker("worker-b"))}
+        workers = {cluster.worker_identity(p): p for p in (cluster.worker("worker-a"), cluster.worker("worker-b"))}
         (tmp_path / "hb.json").write_text(json.dumps(config(task)))
         assert cluster.cli("config", "push", str(tmp_path / "hb.json")).returncode == 0
 
