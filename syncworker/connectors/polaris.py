@@ -49,11 +49,13 @@ a read sees every write that returned. Instances are paged 100 at a time; Polari
 orders them by modification time only, so when the pages do not add up (records
 modified in the same instant can swap places between pages) the listing is taken in
 one piece from the client Discover API instead, right after a cache refresh. As a
-destination (`read_destination`), a namespace read for 8 or more services within 2 s is
-listed whole once per 2 s, and a service missing from that list reads as empty with no
-request of its own (an initial sync into an empty namespace then costs one paged list
-per 2 s instead of one read per service); services it created, and any service a write
-to fails, count as present.
+destination (`read_destination`), a namespace read for 8 or more services within 5 s is
+listed whole (again every 30 s, in the background), and a service missing from that
+list reads as empty with no request of its own, so an initial sync into an empty
+namespace costs one paged list instead of one read per service. The list may be old:
+the first create into a service read that way must create the service itself, and if
+Polaris says it exists already (someone else made it meanwhile) nothing is written, the
+creates fail as temporary, and the retry reads the service.
 Writes go in batches of 100 (the server's limit): deletes first, then updates, then
 creates; a create is an upsert in Polaris. Namespace and service are created first
 when missing ("existed resource" counts as success).
@@ -148,11 +150,12 @@ REFRESH_PROBE = "syncworker.watch-refresh"
 REVISION_SETTLE = 0.02
 #: seconds during which every watched service of a namespace is polled after an ambiguous look
 HOT_WINDOW = 2.0
-#: a namespace read for this many services within one ABSENT_TTL is listed whole, so that services it
-#: does not hold are answered empty without a read each
+#: a namespace read as a destination for this many services within LIST_WINDOW seconds is listed whole,
+#: so that services it does not hold are answered empty without a read each
 CATALOG_AFTER = 8
-#: how long a namespace's service list answers "absent" (a write failure of a service ends it early)
-ABSENT_TTL = 2.0
+LIST_WINDOW = 5.0
+#: a namespace's service list is taken again (in the background) once it is this old
+LIST_REFRESH = 30.0
 
 
 # ---- mapping (pure) ---------------------------------------------------------------------
@@ -425,11 +428,21 @@ class PolarisConnector(http.HttpConnector):
         self._present: dict[str, tuple[float, set[str]]] = {}
         self._reads: dict[str, list[float]] = {}
         self._listing: dict[str, asyncio.Lock] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        #: services answered empty from a service list: the next create checks that they are still new
+        self._unverified: set[tuple[str, str]] = set()
         headers = {"X-Polaris-Token": self.endpoint.token} if self.endpoint.token else {}
         self.http = http.Transport(bases, timeout=self.timeout, verify=self.verify, headers=headers,
                                    auth=None, max_connections=max(32, self.watch_concurrency * 2))
 
     # ---- lifecycle ------------------------------------------------------------------
+    async def close(self) -> None:
+        jobs = list(self._refreshing.values())
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        await super().close()
+
     def representable(self, inst: model.Instance) -> model.Instance:
         return representable(inst)
 
@@ -530,7 +543,8 @@ class PolarisConnector(http.HttpConnector):
 
     async def read_destination(self, service: model.ServiceKey) -> base.Listing:
         pns, pname = self._where(service)
-        if self.skip_absent and await self._known_absent(pns, pname):
+        if self.skip_absent and await self._listed_absent(pns, pname):
+            self._unverified.add((pns, pname))
             return base.Listing(())
         return await self.list_instances(service)
 
@@ -543,38 +557,53 @@ class PolarisConnector(http.HttpConnector):
                 "endpoint": self.name, "service": str(service), "count": len(skipped), "first": skipped[0]})
         return base.Listing(tuple(good), tuple(skipped))
 
-    async def _known_absent(self, pns: str, pname: str) -> bool:
-        """Whether a fresh list of the namespace's services says `pname` does not exist.
+    async def _listed_absent(self, pns: str, pname: str) -> bool:
+        """Whether the namespace's service list says `pname` does not exist (then it is not read).
 
-        An initial sync reads thousands of destination services that do not exist yet; one
-        paged service list per ABSENT_TTL answers those without a read each (the console
-        list refreshes the server's cache first, so it sees every write that returned). The
-        list is only taken for a namespace read for CATALOG_AFTER services within that time,
-        services this connector created count as present, and a failed write to a service
-        marks it present, so a service someone else created meanwhile costs at most one
-        failed write and a retry, never a wrong delete (an empty listing plans no deletes).
+        An initial sync reads thousands of destination services that do not exist yet. A
+        namespace read for CATALOG_AFTER services within LIST_WINDOW is listed whole once,
+        and again in the background every LIST_REFRESH; services missing from it read as
+        empty. The list may be old, which is safe: a service someone created since then is
+        caught before anything is written to it, because the first create into a service
+        answered this way must create the service itself (`apply`): when Polaris says it
+        exists already, the creates fail as temporary, the service counts as present, and
+        the retry reads it. An empty listing plans no update and no delete.
         """
         if (pns, pname) in self._ensured:
             return False
-        now = time.monotonic()
         known = self._present.get(pns)
-        if known is None or now - known[0] > ABSENT_TTL:
-            recent = [t for t in self._reads.get(pns, []) if now - t <= ABSENT_TTL]
+        if known is None:
+            now = time.monotonic()
+            recent = [t for t in self._reads.get(pns, []) if now - t <= LIST_WINDOW]
             recent.append(now)
             self._reads[pns] = recent[-CATALOG_AFTER:]
             if len(recent) < CATALOG_AFTER:
                 return False
             async with self._listing.setdefault(pns, asyncio.Lock()):
                 known = self._present.get(pns)
-                if known is None or time.monotonic() - known[0] > ABSENT_TTL:
-                    started = time.monotonic()
-                    try:
-                        names = {polaris_service_name(k) for k in await self.list_services(pns)}
-                    except errors.SyncError:
+                if known is None:
+                    await self._list_present(pns)
+                    known = self._present.get(pns)
+                    if known is None:
                         return False
-                    known = (started, names)
-                    self._present[pns] = known
+        elif time.monotonic() - known[0] > LIST_REFRESH and pns not in self._refreshing:
+            job = asyncio.ensure_future(self._list_present(pns))
+            self._refreshing[pns] = job
+            job.add_done_callback(lambda _: self._refreshing.pop(pns, None))
         return pname not in known[1]
+
+    async def _list_present(self, pns: str) -> None:
+        """List the namespace's services into `_present` (a failed list leaves what was known)."""
+        started = time.monotonic()
+        try:
+            names = {polaris_service_name(k) for k in await self.list_services(pns)}
+        except errors.SyncError as exc:
+            log.debug("polaris: service list failed", extra={"endpoint": self.name, "error": str(exc)})
+            return
+        known = self._present.get(pns)
+        if known is not None:  # what became present while the list was read stays present (safe when gone)
+            names |= known[1]
+        self._present[pns] = (started, names)
 
     def _mark_present(self, pns: str, pname: str) -> None:
         known = self._present.get(pns)
@@ -635,7 +664,8 @@ class PolarisConnector(http.HttpConnector):
         for chunk in _chunks(updates, BATCH):
             outcomes += await self._batch("PUT", "/naming/v1/instances", pns, pname, chunk)
         if creates:
-            problem = await self._ensure_service(pns, pname)
+            fresh = (pns, pname) in self._unverified and (pns, pname) not in self._ensured
+            problem = await self._ensure_service(pns, pname, must_be_new=fresh)
             if problem is not None:
                 error, temporary = problem
                 return outcomes + [base.Outcome(op, inst.address, False, error, temporary)
@@ -706,8 +736,12 @@ class PolarisConnector(http.HttpConnector):
         except errors.TemporaryError as exc:
             log.debug("polaris: touch before delete failed", extra={"endpoint": self.name, "error": str(exc)})
 
-    async def _ensure_service(self, pns: str, pname: str) -> tuple[str, bool] | None:
-        """Create the namespace and the service when missing; (error, temporary) when that failed."""
+    async def _ensure_service(self, pns: str, pname: str, must_be_new: bool = False) -> tuple[str, bool] | None:
+        """Create the namespace and the service when missing; (error, temporary) when that failed.
+
+        `must_be_new`: the service was read as empty from a service list only (`_listed_absent`), so
+        it must not exist yet; when it does, that is a temporary error and the retry reads it.
+        """
         if (pns, pname) in self._ensured:
             return None
         steps: list[tuple[str, str, Json]] = []
@@ -729,7 +763,13 @@ class PolarisConnector(http.HttpConnector):
                 return f"polaris {self.name}: {what}: code {code} {_info(item) or _info(data)}".rstrip(), temporary
             if kind == "namespace":
                 self._namespaces.add(pns)
+            elif must_be_new and code == EXISTED_RESOURCE:
+                self._unverified.discard((pns, pname))
+                self._mark_present(pns, pname)
+                return (f"polaris {self.name}: service {pns}/{pname} was created by someone else after its "
+                        "namespace was listed; it is read before anything is written to it", True)
         self._ensured.add((pns, pname))
+        self._unverified.discard((pns, pname))
         self._mark_present(pns, pname)
         return None
 

@@ -169,6 +169,17 @@ def test_destination_reads_of_absent_services_cost_one_listing(loop: Loop, conne
     assert all(o.ok for o in out), out
     assert [i.address for i in loop.run_until_complete(connector.read_destination(mine)).instances] == [
         ("127.0.7.2", 7002)]
+    # a service someone else creates after the list (an application registering at the very address of
+    # the copy about to be written) is never written over: the create finds the service exists, writes
+    # nothing, and fails as temporary; the retry reads it and sees the native
+    racer = absent[-2]
+    loop.run_until_complete(raw.register(ns, racer.name, "127.0.7.4", 7004, metadata={"who": "app"}))
+    assert loop.run_until_complete(connector.read_destination(racer)).instances == ()  # the list is old
+    out = loop.run_until_complete(connector.apply(racer, planner.Plan(creates=(copy("127.0.7.4", 7004),)), CTX))
+    assert [(o.ok, o.temporary) for o in out] == [(False, True)], out
+    seen = loop.run_until_complete(connector.read_destination(racer)).instances
+    assert [(i.address, i.metadata.get("who"), marks.is_copy(i.metadata)) for i in seen] == [
+        (("127.0.7.4", 7004), "app", False)]
     # a source read never takes the shortcut
     late = fresh_service(ns)
     loop.run_until_complete(raw.register(ns, late.name, "127.0.7.3", 7003))
