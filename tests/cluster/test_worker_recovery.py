@@ -1,6 +1,7 @@
 """Workers recover by themselves: `syncworker worker` starts its Celery worker again when it dies, and a
 cluster whose Redis is restarted (empty: the sandbox Redis has no persistence) comes back with no
-process restarted by anyone else, deleting nothing at the destination meanwhile.
+process restarted by anyone else, deleting nothing at the destination meanwhile; so does one whose
+ZooKeeper is restarted (leadership ends with it and is taken again when it is back).
 
 Celery/kombu 5.7 exits a worker that loses the broker with jobs in flight (see
 `syncworker.cluster.supervise`); the Redis test holds a watch duty on a worker, so
@@ -114,16 +115,17 @@ class DestinationWatch:
                 for at, seen in self.polls for svc, want in self.expected.items() if set(want) - set(seen.get(svc, []))]
 
 
-def test_a_redis_restart_heals_by_itself_and_deletes_nothing(request: pytest.FixtureRequest, peers: Any,
-                                                              zookeeper: str, tmp_path: Path) -> None:
+def test_redis_and_zookeeper_restarts_heal_by_themselves_and_delete_nothing(
+        request: pytest.FixtureRequest, peers: Any, tmp_path: Path) -> None:
     polaris = Polaris(peers.get("polaris"))
     src, dst = f"rr-src-{TAG}", f"rr-dst-{TAG}"
     expected = {f"svc-{s}": sorted(_addr(s, i) for i in range(PER_SERVICE)) for s in range(SERVICES)}
     for s in range(SERVICES):
         polaris.register(src, f"svc-{s}", *(_addr(s, i) for i in range(PER_SERVICE)))
     redis: sandbox.Running = peers.fresh("redis")  # this test's own: the session's Redis stays up
+    zk: sandbox.Running = peers.fresh("zookeeper")  # likewise
     try:
-        env = cluster_env(redis.endpoints["redis"], zookeeper)
+        env = cluster_env(redis.endpoints["redis"], zk.endpoints["zookeeper"])
         with running_cluster(request, env, tmp_path) as cluster:
             scheduler = cluster.scheduler()
             workers = {n: cluster.worker(n) for n in ("worker-a", "worker-b")}
@@ -169,8 +171,25 @@ def test_a_redis_restart_heals_by_itself_and_deletes_nothing(request: pytest.Fix
             wait_for(lambda: ("10.60.9.9", 8080) in polaris.addresses(dst, "svc-0"), 60, every=0.2,
                      what="a change made after the restart to reach the destination")
             change = time.monotonic() - t0
+
+            # then ZooKeeper: leadership ends with it, comes back after it, and the sync goes on
+            zk.kill()
+            zk_down = time.monotonic()
+            wait_for(lambda: not cluster.store.leader(), 30, what="leadership to end with ZooKeeper")
+            time.sleep(2.0)
+            zk.restart()
+            catalog.get("zookeeper").wait_ready(zk)
+            zk_up = time.monotonic()
+            wait_for(lambda: cluster.store.leader(), 60, every=0.1, what="a leader again after ZooKeeper restarted")
+            zk_leader_back = time.monotonic() - zk_up
+            polaris.register(src, "svc-1", ("10.60.9.10", 8080))
+            wait_for(lambda: ("10.60.9.10", 8080) in polaris.addresses(dst, "svc-1"), 60, every=0.2,
+                     what="a change made after the ZooKeeper restart to reach the destination")
+            zk_polls = sum(1 for at, _ in watch.polls if zk_down <= at <= zk_up)
             watch.stop.set()
             watch.thread.join(10)
+            print(f"ZooKeeper down {zk_up - zk_down:.1f}s: a leader again {zk_leader_back:.1f}s after its restart; "
+                  f"destination listed {zk_polls} times meanwhile")
 
             restarts = {n: _restarted(p.log) for n, p in workers.items()}
             print(f"Redis down {OUTAGE:.0f}s: leader back {leader_back:.1f}s after the restart, both workers live "
@@ -182,9 +201,11 @@ def test_a_redis_restart_heals_by_itself_and_deletes_nothing(request: pytest.Fix
             # nothing restarted by the test: the very processes it started are the ones running
             assert scheduler.alive() and all(p.alive() for p in workers.values())
             # nothing deleted at the destination, at any point
-            assert polls_during_outage >= 5
+            assert polls_during_outage >= 5 and zk_polls >= 5
             assert watch.missing() == []
             final = {s: polaris.addresses(dst, s) for s in expected}
-            assert final == {**expected, "svc-0": sorted([*expected["svc-0"], ("10.60.9.9", 8080)])}
+            assert final == {**expected, "svc-0": sorted([*expected["svc-0"], ("10.60.9.9", 8080)]),
+                             "svc-1": sorted([*expected["svc-1"], ("10.60.9.10", 8080)])}
     finally:
         redis.stop()
+        zk.stop()
