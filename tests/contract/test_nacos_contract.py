@@ -558,3 +558,44 @@ def test_engine_two_way_with_memory(loop: Loop, checked_http: str) -> None:
         await reader.close()
 
     loop.run_until_complete(scenario())
+
+
+def test_namespace_watch_baseline_answers_the_first_reads_once(loop: Loop, http: str) -> None:
+    """A whole-namespace watch's baseline answers the next read of each service (no request), once;
+    a service that changes afterwards is read for real, and nothing primed outlives the watch."""
+    conn = _open(loop, nh.endpoint(http))
+    sent: list[str] = []
+    real_call = conn._call
+
+    async def counting(method: str, path: str, **kw):  # type: ignore[no-untyped-def]
+        sent.append(path)
+        return await real_call(method, path, **kw)
+
+    conn._call = counting  # type: ignore[method-assign]
+    calm, busy = fresh_service("", "PRIME_GROUP"), fresh_service("", "PRIME_GROUP")
+
+    async def scenario() -> None:
+        with nh.raw(http) as raw:
+            for svc in (calm, busy):
+                raw.register(svc, "127.0.0.93", 9301, ephemeral=False, metadata={"v": "1"})
+            await asyncio.sleep(1.0)  # Nacos's read cache
+            fresh = {svc: await conn.list_instances(svc) for svc in (calm, busy)}  # real reads
+            gen = conn.watch([], [""]).__aiter__()
+            assert await asyncio.wait_for(gen.__anext__(), 10.0) is None
+            before = len(sent)
+            assert await conn.list_instances(calm) == fresh[calm]  # from the baseline
+            assert len(sent) == before, sent[before:]
+            await conn.list_instances(calm)  # only once: this one is a real read
+            assert len(sent) > before
+            raw.register(busy, "127.0.0.93", 9301, ephemeral=False, metadata={"v": "2"})
+            while await asyncio.wait_for(gen.__anext__(), 5.0) != busy:
+                pass
+            got = await conn.list_instances(busy)  # changed since the baseline: read for real
+            assert [i.metadata.get("v") for i in got.instances] == ["2"], got
+            await gen.aclose()
+            assert conn._primed == {}
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.run_until_complete(conn.close())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -185,6 +186,50 @@ def test_destination_reads_of_absent_services_cost_one_listing(loop: Loop, conne
     loop.run_until_complete(raw.register(ns, late.name, "127.0.7.3", 7003))
     assert [i.address for i in loop.run_until_complete(connector.list_instances(late)).instances] == [
         ("127.0.7.3", 7003)]
+
+
+def test_concurrent_applies_create_a_new_service_once(loop: Loop, polaris: sandbox.Running) -> None:
+    """Two applies into one new service at once (two units, or a test's two natives): Polaris 1.18.1 loses a
+    service created twice at the same instant and then panics on every instance query of its namespace,
+    so the service is created once; the namespace stays queryable."""
+    ns = f"contract-race-{uuid.uuid4().hex[:6]}"
+    conns = [registry.create(endpoint(polaris)) for _ in range(2)]  # two tasks' connectors in one process
+    svc = fresh_service(ns)
+
+    creating: list[tuple[float, float]] = []
+
+    def timed(write):  # type: ignore[no-untyped-def]
+        async def wrapper(method: str, path: str, body: Any, what: str) -> Any:
+            t0 = time.monotonic()
+            try:
+                return await write(method, path, body, what)
+            finally:
+                if path == "/naming/v1/services":
+                    creating.append((t0, time.monotonic()))
+        return wrapper
+
+    for c in conns:
+        c._write = timed(c._write)  # type: ignore[attr-defined]
+
+    async def go() -> None:
+        for c in conns:
+            await c.open()
+        try:
+            outs = await asyncio.gather(*(c.apply(svc, planner.Plan(creates=(copy(f"127.0.8.{i + 1}", 8000),)), CTX)
+                                          for i, c in enumerate(conns)))
+            assert all(o.ok for out in outs for o in out), outs
+            creating.sort()
+            assert len(creating) == 2 and creating[0][1] <= creating[1][0], creating  # one after the other
+            got = await conns[0].list_instances(svc)
+            assert sorted(i.address for i in got.instances) == [("127.0.8.1", 8000), ("127.0.8.2", 8000)]
+            code, data = await conns[0]._read("GET", "/naming/v1/instances", "namespace query",  # type: ignore[attr-defined]
+                                              params={"namespace": ns, "limit": 100})
+            assert code == pc.EXECUTE_SUCCESS and int(data["amount"]) == 2, data
+        finally:
+            for c in conns:
+                await c.close()
+
+    loop.run_until_complete(go())
 
 
 def test_namespace_and_service_are_created(loop: Loop, connector: pc.PolarisConnector, raw: RawPolaris) -> None:
