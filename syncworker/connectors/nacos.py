@@ -283,9 +283,24 @@ def _digest(instances: Iterable[model.Instance]) -> str:
     return hashlib.sha1(repr(rows).encode()).hexdigest()
 
 
-def _records_digest(records: Iterable[Mapping[str, Any]]) -> str:
-    rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in records)
-    return hashlib.sha1("\n".join(rows).encode()).hexdigest()
+#: the record fields `parse_instance` reads: a change anywhere else cannot change a sync
+_READ_FIELDS = ("ip", "port", "clusterName", "weight", "healthy", "valid", "enabled", "ephemeral", "instanceId",
+                "serviceName")
+
+
+def _records_digest(records: Iterable[Mapping[str, Any]]) -> int:
+    """A fingerprint of what the sync reads from these records, compared only within one watch (one
+    process): a namespace watch takes one per service and round, so it is Python's own hash of the read
+    fields, several times cheaper than serialising whole records."""
+    rows = []
+    for r in records:
+        meta = r.get("metadata")
+        try:
+            rows.append(hash((tuple(r.get(f) for f in _READ_FIELDS),
+                              frozenset(meta.items()) if isinstance(meta, Mapping) else meta)))
+        except TypeError:  # an unhashable value in a malformed record
+            rows.append(hash(json.dumps(r, sort_keys=True, default=str)))
+    return hash(tuple(sorted(rows)))
 
 
 def _describe(exc: BaseException) -> str:
@@ -920,9 +935,9 @@ class NacosConnector(base.Connector):
         spaces = list(dict.fromkeys(namespaces))
         explicit = [k for k in dict.fromkeys(services) if k.namespace not in spaces]
         loop = asyncio.get_running_loop()
-        baseline: dict[model.ServiceKey, str] | None = None
+        baseline: dict[model.ServiceKey, int] | None = None
         plan: tuple[list[model.ServiceKey], dict[str, set[model.ServiceKey]]] | None = None
-        wide: dict[model.ServiceKey, str] = {}
+        wide: dict[model.ServiceKey, int] = {}
         wide_due = 0.0
         failures = 0
         try:
@@ -972,20 +987,20 @@ class NacosConnector(base.Connector):
         grouped = {ns: keys for ns, keys in by_namespace.items() if len(keys) > WHOLE_NAMESPACE_AT}
         return [k for k in explicit if k.namespace not in grouped], grouped
 
-    async def _poll_services(self, keys: Iterable[model.ServiceKey]) -> dict[model.ServiceKey, str]:
+    async def _poll_services(self, keys: Iterable[model.ServiceKey]) -> dict[model.ServiceKey, int]:
         limit = asyncio.Semaphore(max(1, self.watch_concurrency))
 
-        async def one(key: model.ServiceKey) -> tuple[model.ServiceKey, str]:
+        async def one(key: model.ServiceKey) -> tuple[model.ServiceKey, int]:
             async with limit:
                 return key, _records_digest(await self._records(key) or [])
 
         return dict(await asyncio.gather(*(one(k) for k in dict.fromkeys(keys))))
 
     async def _poll_namespaces(self, spaces: Sequence[str], grouped: Mapping[str, set[model.ServiceKey]],
-                               prime: bool = False) -> dict[model.ServiceKey, str]:
+                               prime: bool = False) -> dict[model.ServiceKey, int]:
         """Digests of every service of `spaces`, and of the watched services of `grouped` namespaces;
         `prime`: keep their records for `list_instances` too (a baseline)."""
-        out: dict[model.ServiceKey, str] = {}
+        out: dict[model.ServiceKey, int] = {}
         if await self.api() != "v3":
             # 2.x: the service list, then each service alone
             for namespace in spaces:
@@ -999,12 +1014,12 @@ class NacosConnector(base.Connector):
         return out
 
     async def _namespace_digests(self, namespace: str, prime: AbstractSet[model.ServiceKey] | None = frozenset()
-                                 ) -> dict[model.ServiceKey, str]:
+                                 ) -> dict[model.ServiceKey, int]:
         """One paged catalog read with instances: every service of the namespace and its digest; the
         records of the services in `prime` (of all when None) are kept for `list_instances`."""
         items = await self._catalog(namespace, with_instances=True)
         taken = time.monotonic()
-        out: dict[model.ServiceKey, str] = {}
+        out: dict[model.ServiceKey, int] = {}
         for item in items:
             key = _item_key(item, namespace)
             if key is not None:
