@@ -369,9 +369,7 @@ def main() -> None:
         zk.kill()
         pool.stop_all()
         alloc.release_all()
-    print(json.dumps(result, indent=2))
-    with (REPO / "benchmarks" / "results.jsonl").open("a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    common.report(result)
 
 
 if __name__ == "__main__":

@@ -189,9 +189,7 @@ def main() -> None:
             result["runs"].append(one)
     finally:
         pool.stop_all()
-    print(json.dumps(result, indent=2))
-    with (REPO / "benchmarks" / "results.jsonl").open("a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    common.report(result)
 
 
 if __name__ == "__main__":

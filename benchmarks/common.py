@@ -30,6 +30,13 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def report(result: dict[str, Any]) -> None:
+    """Print a benchmark's JSON summary and append it to benchmarks/results.jsonl."""
+    print(json.dumps(result, indent=2))
+    with Path(__file__).with_name("results.jsonl").open("a") as fh:
+        fh.write(json.dumps(result) + "\n")
+
+
 def endpoint(name: str, type_: str, running: sandbox_base.Running) -> dict[str, Any]:
     ep: dict[str, Any] = {"name": name, "type": type_, "addresses": [running.endpoints["http"]]}
     creds = running.credentials

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import tempfile
 import time
@@ -122,6 +121,4 @@ if __name__ == "__main__":
     ap.add_argument("--rest", type=float, default=30.0)
     args = ap.parse_args()
     result = asyncio.run(main(args.services, args.instances, args.rest))
-    print(json.dumps(result, indent=2))
-    with open(Path(__file__).with_name("results.jsonl"), "a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    common.report(result)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import random
 import tempfile
@@ -141,6 +140,4 @@ if __name__ == "__main__":
     ap.add_argument("--services", type=int, default=20)
     args = ap.parse_args()
     result = asyncio.run(main(args.changes, args.services))
-    print(json.dumps(result, indent=2))
-    with open(Path(__file__).with_name("results.jsonl"), "a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    common.report(result)
