@@ -754,40 +754,38 @@ class PolarisConnector(http.HttpConnector):
         if pns not in self._namespaces:
             async with _creation_lock(tuple(self.bases), pns, ""):
                 if pns not in self._namespaces:
-                    problem = await self._create_steps(pns, pname, [("namespace", "/naming/v1/namespaces",
-                                                                     {"name": pns})], False)
+                    _, problem = await self._create("/naming/v1/namespaces", {"name": pns},
+                                                    f"create namespace {pns}")
                     if problem is not None:
                         return problem
-        return await self._create_steps(pns, pname, [("service", "/naming/v1/services",
-                                                      {"name": pname, "namespace": pns})], must_be_new)
-
-    async def _create_steps(self, pns: str, pname: str, steps: list[tuple[str, str, Json]],
-                            must_be_new: bool) -> tuple[str, bool] | None:
-        for kind, path, body in steps:
-            what = f"create {kind} {pns}/{pname}" if kind == "service" else f"create namespace {pns}"
-            try:
-                top, data = await self._write("POST", path, [body], what)
-            except errors.TemporaryError as exc:
-                return str(exc), True
-            responses = data.get("responses")
-            item = responses[0] if isinstance(responses, list) and responses and isinstance(
-                responses[0], Mapping) else {}
-            code = code_of(item, 0) if item.get("code") is not None else top
-            if not (200000 <= code < 300000 or code == EXISTED_RESOURCE):
-                _ok, temporary = write_verdict("create", code)
-                return f"polaris {self.name}: {what}: code {code} {_info(item) or _info(data)}".rstrip(), temporary
-            if kind == "namespace":
-                self._namespaces.add(pns)
-            elif must_be_new and code == EXISTED_RESOURCE:
-                self._unverified.discard((pns, pname))
-                self._mark_present(pns, pname)
-                return (f"polaris {self.name}: service {pns}/{pname} was created by someone else after its "
-                        "namespace was listed; it is read before anything is written to it", True)
-            else:
-                self._ensured.add((pns, pname))
-                self._unverified.discard((pns, pname))
-                self._mark_present(pns, pname)
+                    self._namespaces.add(pns)
+        code, problem = await self._create("/naming/v1/services", {"name": pname, "namespace": pns},
+                                           f"create service {pns}/{pname}")
+        if problem is not None:
+            return problem
+        self._unverified.discard((pns, pname))
+        self._mark_present(pns, pname)
+        if must_be_new and code == EXISTED_RESOURCE:
+            return (f"polaris {self.name}: service {pns}/{pname} was created by someone else after its "
+                    "namespace was listed; it is read before anything is written to it", True)
+        self._ensured.add((pns, pname))
         return None
+
+    async def _create(self, path: str, body: Json, what: str) -> tuple[int, tuple[str, bool] | None]:
+        """POST one resource; (its code, None) when it exists now (made or there already), else the problem
+        as (error, temporary)."""
+        try:
+            top, data = await self._write("POST", path, [body], what)
+        except errors.TemporaryError as exc:
+            return 0, (str(exc), True)
+        responses = data.get("responses")
+        item = responses[0] if isinstance(responses, list) and responses and isinstance(
+            responses[0], Mapping) else {}
+        code = code_of(item, 0) if item.get("code") is not None else top
+        if not (200000 <= code < 300000 or code == EXISTED_RESOURCE):
+            _ok, temporary = write_verdict("create", code)
+            return code, (f"polaris {self.name}: {what}: code {code} {_info(item) or _info(data)}".rstrip(), temporary)
+        return code, None
 
     # ---- watch ----------------------------------------------------------------------
     async def watch(self, services: Sequence[model.ServiceKey], namespaces: Sequence[str]
