@@ -14,8 +14,8 @@ user with 403), so the former is reported as temporary with a hint to check the
 credentials. Options: `timeout` (s, default 5), `verify` (bool or CA bundle path, for
 https), `api` ("v3" or "v1"; detected by default), `copies` ("auto", "persistent",
 "ephemeral"; below), `heartbeat_interval` (5), `ephemeral_unhealthy_after` (60),
-`ephemeral_delete_after` (600), `watch_interval` (0.15), `namespace_watch_interval`
-(0.2), `watch_concurrency` (16); durations in seconds.
+`ephemeral_delete_after` (600), `watch_interval` (0.1), `namespace_watch_interval`
+(0.1), `watch_concurrency` (16); durations in seconds.
 
 APIs. Nacos 3.x (detected by `GET /v3/admin/ns/service/list` answering) is used
 through its v3 admin API: `/v3/admin/ns/service` (detail: clusters, service kind),
@@ -415,8 +415,8 @@ class NacosConnector(base.Connector):
             raise errors.PermanentError(
                 f"nacos {self.name}: options must keep 0 < heartbeat_interval < ephemeral_unhealthy_after "
                 f"<= ephemeral_delete_after (seconds)")
-        self.watch_interval = _float_option(opts, "watch_interval", 0.15)
-        self.namespace_watch_interval = _float_option(opts, "namespace_watch_interval", 0.2)
+        self.watch_interval = _float_option(opts, "watch_interval", 0.1)
+        self.namespace_watch_interval = _float_option(opts, "namespace_watch_interval", 0.1)
         self.watch_concurrency = max(1, int(_float_option(opts, "watch_concurrency", 16)))
         self._client: httpx.AsyncClient | None = None
         #: records of whole-namespace watch baselines, each handed to one list_instances (see `watch`)
@@ -938,7 +938,10 @@ class NacosConnector(base.Connector):
         baseline: dict[model.ServiceKey, int] | None = None
         plan: tuple[list[model.ServiceKey], dict[str, set[model.ServiceKey]]] | None = None
         wide: dict[model.ServiceKey, int] = {}
-        wide_due = 0.0
+        alone: dict[model.ServiceKey, int] = {}
+        singles: list[model.ServiceKey] = []
+        grouped: dict[str, set[model.ServiceKey]] = {}
+        wide_due = singles_due = 0.0
         failures = 0
         try:
             while True:
@@ -953,11 +956,17 @@ class NacosConnector(base.Connector):
                         # at most a third, so a large idle namespace does not keep a core busy
                         spent = loop.time() - started
                         wide_due = started + max(self.namespace_watch_interval, WIDE_DUTY * spent)
-                    snapshot = {**wide, **await self._poll_services(singles)}
+                    if started >= singles_due:
+                        alone = await self._poll_services(singles)
+                        singles_due = started + self.watch_interval
+                    snapshot = {**wide, **alone}
                 except errors.SyncError as exc:
                     failures += 1
                     if failures >= 3:
                         raise
+                    # try again after the usual interval, not at once
+                    wide_due = max(wide_due, started + self.namespace_watch_interval)
+                    singles_due = max(singles_due, started + self.watch_interval)
                     log.debug("watch poll failed", extra={"endpoint": self.name, "error": str(exc)})
                 else:
                     failures = 0
@@ -972,7 +981,11 @@ class NacosConnector(base.Connector):
                             self._primed.pop(key, None)
                         for key in sorted(changed):
                             yield key
-                await asyncio.sleep(max(0.0, self.watch_interval - (loop.time() - started)))
+                # each kind of poll wakes the loop at its own time (a namespace poll does not wait
+                # for the next single-service round, nor the other way round)
+                wake = min(singles_due if singles else math.inf, wide_due if spaces or grouped else math.inf,
+                           started + max(self.watch_interval, self.namespace_watch_interval))
+                await asyncio.sleep(max(0.0, wake - loop.time()))
         finally:
             self._primed.clear()  # nobody diffs them any more
 

@@ -7,7 +7,7 @@ last one that answered is used first afterwards. `token` is sent as
 `X-Polaris-Token` on every request. `options`: `verify` (bool or a CA bundle path),
 `timeout` (seconds, default 5), `touch_before_delete` (default true),
 `skip_absent_reads` (default true; see Reads), and for the
-watch `watch_interval` (default 0.2 s), `watch_gate` (default true), `watch_concurrency`
+watch `watch_interval` (default 0.1 s), `watch_gate` (default true), `watch_concurrency`
 (default 16), `services_interval` (default 1 s), `watch_fail_after` (default 30 s); see
 below.
 
@@ -67,7 +67,7 @@ therefore isolates each record (marked `syncworker.deleting`) right before delet
 (`touch_before_delete`, default on); a native record deleted by its own application in
 such a Polaris stays visible, and no client can tell. MySQL-backed Polaris is not affected.
 
-Watch: every `watch_interval` (0.2 s) one console query per namespace of interest
+Watch: every `watch_interval` (0.1 s) one console query per namespace of interest
 (`GET /naming/v1/instances?namespace=..&limit=100`) refreshes the server's caches and
 shows the instance count and the most recently modified records (Polaris sorts by
 modification time). Every write gives the record it touches a new revision and the
@@ -414,7 +414,7 @@ class PolarisConnector(http.HttpConnector):
         opts = dict(endpoint.options or {})
         self.timeout = float(opts.get("timeout", 5.0))
         self.verify: Any = opts.get("verify", True)
-        self.watch_interval = float(opts.get("watch_interval", 0.2))
+        self.watch_interval = float(opts.get("watch_interval", 0.1))
         self.services_interval = float(opts.get("services_interval", 1.0))
         self.watch_concurrency = max(1, int(opts.get("watch_concurrency", 16)))
         self.watch_gate = bool(opts.get("watch_gate", True))
