@@ -20,7 +20,7 @@ upstream's `name` is `ApplyContext.upstream_name` when the config gives one
 (polaris-sync's `upstreamName`), else the readable id text (at most 100 characters).
 With `create_routes: true`, the default unit also gets a route with the same id, `uri`
 from `route_uri` and `upstream_id` the upstream; the route is created once and never
-changed or deleted afterwards (it is the user's to edit).
+changed afterwards (it is the user's to edit).
 
 Ownership. Upstreams and routes it creates carry the labels `managed-by: syncworker`
 and `syncworker-task: <task>` (label values must match `^\\S+$`, 1..256 characters:
@@ -32,8 +32,20 @@ Nodes without marks (added by hand, in either the list or the `"host:port": weig
 form) are listed without marks, so the planner never changes them; a write keeps every
 node it does not own exactly as it was (map-form nodes become `{host, port, weight}`
 items). No label listing or digest is needed, and there is no size limit: an upstream
-of any size carries its ownership node by node. Nothing is ever deleted but nodes the
-plan names: no upstream, no route.
+of any size carries its ownership node by node. A sync deletes only nodes the plan
+names, never an upstream or a route.
+
+Retiring a unit (`retire`: its task was removed, or the unit left the config, and its
+copies are deleted). The unit's upstream is deleted when it carries this task's labels
+and holds no node without this task's mark (a node added by hand, or another task's,
+keeps it, and the log says why); an upstream made by hand or by another task is never
+deleted. The route with the upstream's id goes first (APISIX refuses to delete an
+upstream a route or service still uses), and only when it carries this task's labels and
+its `upstream_id` is still the unit's upstream: a route made by hand, or edited to point
+elsewhere, stays. When anything else still uses the upstream, APISIX refuses the delete
+and the upstream stays (the log carries APISIX's message). A failed read or write ends
+the retirement of that unit: nothing more is deleted. A node added by hand between the
+read and the delete goes with the upstream (one round trip).
 
 Writes: one apply is one read-modify-write of the upstream: a fresh GET, then the
 plan's deletes, updates and creates on its node list (a node is removed or replaced
@@ -66,7 +78,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from syncworker import errors, model
+from syncworker import errors, marks, model
 from syncworker.connectors import base, http
 from syncworker.reconcile import planner
 
@@ -429,3 +441,72 @@ class ApisixConnector(http.HttpConnector):
         body = {"id": uid, "name": readable(self._parts(service))[:MAX_NAME], "uri": uri, "upstream_id": uid,
                 "labels": self._labels(task)}
         await self._write("PUT", path, f"create route {uid}", body)
+
+    # ---- retiring a unit ------------------------------------------------------------------
+    def _mine(self, value: Mapping[str, Any], task: str) -> bool:
+        labels = value.get("labels")
+        return (isinstance(labels, dict) and labels.get(MANAGED_BY) == "syncworker"
+                and labels.get(TASK_LABEL) == label_value(task))
+
+    def _foreign_nodes(self, value: Mapping[str, Any], task: str) -> list[str]:
+        """The nodes of an upstream that `task` does not own (all of them when unreadable)."""
+        nodes = nodes_as_list(value.get("nodes"), self.default_port)
+        if nodes is None:
+            return ["nodes that are neither a list nor a map"]
+        out: list[str] = []
+        for node in nodes:
+            inst = node_to_instance(node, self.scale, self.default_port)
+            if isinstance(inst, str):
+                out.append(inst)
+            elif inst.metadata.get(marks.TASK) != task:
+                out.append(f"{inst.host}:{inst.port}")
+        return out
+
+    async def retire(self, service: model.ServiceKey, ctx: base.ApplyContext) -> list[base.Retired]:
+        uid = self.upstream_id(service)
+        try:
+            value = await self._upstream(uid)
+        except errors.ReadError as exc:
+            return [base.Retired("upstream", uid, base.FAILED, str(exc))]
+        if value is not None:
+            if not self._mine(value, ctx.task):
+                return [base.Retired("upstream", uid, base.KEPT, base.not_made_by(ctx.task))]
+            foreign = self._foreign_nodes(value, ctx.task)
+            if foreign:
+                return [base.Retired("upstream", uid, base.KEPT, f"holds {len(foreign)} node(s) task "
+                                     f"{ctx.task!r} does not own: {', '.join(foreign[:5])}")]
+        route = await self._retire_route(uid, ctx.task)
+        done = [route] if route is not None else []
+        if value is None or (route is not None and route.action == base.FAILED):
+            return done
+        return [*done, await self._remove("upstream", uid)]
+
+    async def _retire_route(self, uid: str, task: str) -> base.Retired | None:
+        """Delete the route with the upstream's id when it is this task's and points at it; None when absent."""
+        try:
+            item = await self._get(f"/routes/{urllib.parse.quote(uid, safe='')}", f"route {uid}")
+        except errors.ReadError as exc:
+            return base.Retired("route", uid, base.FAILED, str(exc))
+        if item is None:
+            return None
+        value = item.get("value")
+        if not isinstance(value, dict) or not self._mine(value, task):
+            return base.Retired("route", uid, base.KEPT, base.not_made_by(task))
+        if str(value.get("upstream_id")) != uid:
+            return base.Retired("route", uid, base.KEPT,
+                                f"points at upstream {value.get('upstream_id')!r}, not {uid!r}")
+        return await self._remove("route", uid)
+
+    async def _remove(self, kind: str, rid: str) -> base.Retired:
+        what = f"delete {kind} {rid}"
+        try:
+            resp = await self._send("DELETE", f"/{kind}s/{urllib.parse.quote(rid, safe='')}")
+        except httpx.HTTPError as exc:
+            return base.Retired(kind, rid, base.FAILED, f"apisix {self.name}: {what}: {_describe(exc)}")
+        if resp.status_code in (200, 204, 404):
+            return base.Retired(kind, rid, base.DELETED)
+        message = _message(resp)
+        if resp.status_code == 400 and "still using it" in message:
+            # a route or service made by hand uses the upstream: APISIX keeps it, and so do we
+            return base.Retired(kind, rid, base.KEPT, f"APISIX refuses the delete: {message}")
+        return base.Retired(kind, rid, base.FAILED, f"apisix {self.name}: {what}: {message}")

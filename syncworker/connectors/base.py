@@ -9,7 +9,8 @@ engine relies on nothing else. Connectors never import each other or the engine.
 Errors: a listing that fails or is incomplete raises `errors.ReadError`; a write
 that may succeed later raises `errors.TemporaryError`; anything else that is the
 peer's final word raises `errors.PermanentError`. `apply` does not raise for a
-single failed operation: it returns one `Outcome` per operation.
+single failed operation: it returns one `Outcome` per operation; `retire` does not
+raise at all: a failed read or write is one `Retired` entry marked FAILED.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from syncworker import model
 from syncworker.reconcile import planner
@@ -55,6 +56,28 @@ class Outcome:
     ok: bool
     error: str = ""
     temporary: bool = False
+
+
+RetireAction = Literal["deleted", "kept", "failed"]
+DELETED: RetireAction = "deleted"
+KEPT: RetireAction = "kept"
+FAILED: RetireAction = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Retired:
+    """What `retire` did with one gateway object it had made for a unit."""
+
+    kind: str  # "upstream", "service", "route", "cluster", "block"
+    name: str
+    action: RetireAction
+    #: why it was kept, or what failed and where
+    reason: str = ""
+
+
+def not_made_by(task: str) -> str:
+    """The reason `retire` gives for keeping an object without `task`'s mark."""
+    return f"not made by task {task!r} (made by hand or by another task)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +152,25 @@ class Connector(abc.ABC):
     async def apply(self, service: model.ServiceKey, plan: planner.Plan, ctx: ApplyContext
                     ) -> list[Outcome]:
         raise NotImplementedError(f"{self.type_name} cannot be a destination")
+
+    def bind_upstream(self, service: model.ServiceKey, upstream_name: str) -> None:  # noqa: B027
+        """Gateways: the upstream name the config gives this unit ("" for none), told before any read.
+
+        `list_instances` takes only the key; a gateway that finds a unit's upstream by name
+        (Kong) needs the configured one before it reads, or a fresh connector reads the
+        derived name and misses an upstream the config named otherwise.
+        """
+
+    async def retire(self, service: model.ServiceKey, ctx: ApplyContext) -> list[Retired]:
+        """Gateways: remove the objects this connector made for a unit whose copies are all gone.
+
+        Called by `engine.cleanup_units` after a removed task's (or unit's) copies were
+        deleted. Only objects carrying `ctx.task`'s mark and holding nothing that is not the
+        task's go; everything else stays, with the reason in a KEPT entry. A failed read or
+        write is a FAILED entry, nothing more is deleted after it, and nothing is raised.
+        Registries have no such objects: nothing to do.
+        """
+        return []
 
     def watch(self, services: Sequence[model.ServiceKey], namespaces: Sequence[str]
               ) -> AsyncIterator[WatchEvent]:

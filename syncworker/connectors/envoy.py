@@ -54,6 +54,14 @@ reported, never overwritten). A unit whose copies are all gone has its cluster
 removed from CDS (routes to it then answer 503), so removing a task leaves
 nothing behind.
 
+Retiring a unit (`retire`, after a removed task's or unit's copies are deleted):
+every cluster with this task's mark for the unit's service that holds no endpoint
+without this task's mark is dropped from CDS and its EDS file deleted (a cluster
+left empty where no delete ran, e.g. its EDS file lost, goes too). A cluster
+holding an endpoint put there by hand stays, and the log says why; clusters made
+by hand or by another task are never looked at. A file that cannot be read or
+written ends the retirement with nothing changed.
+
 Endpoints (the representable law)
 ---------------------------------
 * weight: Envoy's `load_balancing_weight` is an integer >= 1. Every endpoint of a
@@ -421,6 +429,47 @@ class EnvoyConnector(base.Connector):
             write_atomic(self.cds_path, discovery_response(keep))
         for path in old_files - {new_file}:
             if path.parent.resolve() == self.eds_dir.resolve():  # only files we put there
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    # ---- retiring a unit ----------------------------------------------------------------
+    async def retire(self, service: model.ServiceKey, ctx: base.ApplyContext) -> list[base.Retired]:
+        return await asyncio.to_thread(self._retire, service, ctx)
+
+    def _retire(self, service: model.ServiceKey, ctx: base.ApplyContext) -> list[base.Retired]:
+        try:
+            with locked(self.cds_path):
+                clusters = read_resources(self.cds_path) or []
+                mine = [i for i, c in enumerate(clusters) if (m := cluster_mark(c)) is not None
+                        and m.get("task") == ctx.task and mark_service(m) == service]
+                done: list[base.Retired] = []
+                gone: list[int] = []
+                for i in mine:
+                    foreign = self._foreign_endpoints(clusters[i], ctx.task)
+                    if foreign:
+                        done.append(base.Retired("cluster", str(clusters[i].get("name")), base.KEPT,
+                                                 f"holds {len(foreign)} endpoint(s) task {ctx.task!r} does not "
+                                                 f"own: {', '.join(foreign[:5])}"))
+                    else:
+                        gone.append(i)
+                if gone:
+                    self._drop(clusters, gone)
+        except errors.SyncError as exc:
+            return [base.Retired("cluster", cluster_name(service), base.FAILED, str(exc))]
+        except OSError as exc:
+            return [base.Retired("cluster", cluster_name(service), base.FAILED, f"cannot write Envoy files: {exc}")]
+        return done + [base.Retired("cluster", str(clusters[i].get("name")), base.DELETED) for i in gone]
+
+    def _foreign_endpoints(self, cluster: Json, task: str) -> list[str]:
+        insts, bad = self._endpoints(cluster)
+        return [f"{i.host}:{i.port}" for i in insts if i.metadata.get(marks.TASK) != task] + bad
+
+    def _drop(self, clusters: list[Json], gone: list[int]) -> None:
+        """CDS without the `gone` clusters first, then their EDS files (only those in `eds_dir`)."""
+        write_atomic(self.cds_path, discovery_response([c for i, c in enumerate(clusters) if i not in gone]))
+        for i in gone:
+            path = eds_path_of(clusters[i])
+            if path is not None and path.parent.resolve() == self.eds_dir.resolve():
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 

@@ -27,16 +27,20 @@ becomes `-`; when that changed the name, or it is longer than 200 characters, or
 reads as an IP address, the last label gets `-<8 hex of sha1(original)>` so two
 different services never share a name.
 
-`list_instances` is not told the upstream name the config asks for, so the connector
-finds it this way: a name learned from an earlier `apply` of the same key; else the
-upstream tagged `syncworker-unit:<16 hex of sha1(key)>` (every upstream it creates
-carries that tag, so a custom-named one is found after a restart); else the derived
-name. When `apply` is asked to write to another upstream than the one the listing
-came from, it writes nothing, remembers the name, and fails every operation as
-temporary: the engine re-reads (0.5 s later) and plans against the right upstream.
+`list_instances` takes only the key, so the connector finds a unit's upstream this way:
+the name the config gives it, which the engine passes in `bind_upstream` before every
+reconcile and cleanup read (so a fresh connector finds an upstream named by
+`upstreamName`, even one made by hand); else a name learned from an earlier `apply` of
+the same key; else the one upstream tagged `syncworker-unit:<16 hex of sha1(key)>`
+(every upstream it creates carries that tag); else the derived name. When `apply` is
+asked to write to another upstream than the one the listing came from (a caller that
+did not bind the name), it writes nothing, remembers the name, and fails every
+operation as temporary: the engine re-reads (0.5 s later) and plans against the right
+upstream.
 
 Ownership. Upstreams and services it creates carry the tags `syncworker`,
-`syncworker-task:<task>` (and upstreams `syncworker-unit:<hash>`). Targets carry
+`syncworker-task:<task>` (and upstreams `syncworker-unit:<hash>` and
+`syncworker-service:<16 hex of sha1(namespace, service)>`). Targets carry
 `syncworker-task:<task>` and `syncworker-origin:<origin>`, which `list_instances`
 decodes into the marks `syncworker.task` / `syncworker.origin`. Kong tags may hold any
 UTF-8 but `,`, `/` and non-printable ASCII, so values are percent-encoded for `%`,
@@ -46,8 +50,23 @@ or deletes it and reports a clash when a copy wants its address. Targets in an
 upstream that polaris-sync created (its name is `<source>.<namespace>.<service>.<group>`
 and its tags are `[TYPE, source, namespace, service, group]`, no `syncworker` tag) are
 listed with polaris-sync's mark `__sync__ = <source>`, so a task whose source has that
-name adopts them instead of clashing. Nothing is ever deleted
-but targets the plan names (by id): no upstream, no service, no hand-added target.
+name adopts them instead of clashing. A sync deletes only targets the plan names (by
+id), never a hand-added target.
+
+Retiring a unit (`retire`: its task was removed, or the unit left the config, and its
+copies are deleted). Its upstream is deleted when it carries this task's
+`syncworker-task` tag and holds no target without that tag; an upstream made by hand,
+by polaris-sync or by another task, or one holding a hand-added (or another task's)
+target, stays as it is, and the log says why. For the default unit the Kong service
+goes too, when it carries this task's tag, its `host` is the upstream just deleted (or
+already gone), and no other upstream of the same registry service with this task's tag
+remains (the engine retires group units before the default one); a service made by
+hand is never deleted, and one that routes still use is kept (Kong refuses the delete,
+the log carries its message). A failed read or write ends the retirement of that unit:
+nothing more is deleted. Kong has no conditional delete, so a target added by hand
+between the listing and the delete of an upstream goes with it (one round trip).
+Upstreams made before the `syncworker-service` tag existed do not count as "other
+upstreams of the service".
 
 Mapping: a target is `host:port` (IPv6 as `[addr]:port`, compressed) and a weight;
 Kong's default weight 100 is canonical 1.0, so weight = round(canonical * 100) clamped
@@ -91,6 +110,7 @@ TAG = "syncworker"
 TASK_TAG = "syncworker-task:"
 ORIGIN_TAG = "syncworker-origin:"
 UNIT_TAG = "syncworker-unit:"
+SERVICE_TAG = "syncworker-service:"
 
 MAX_NAME = 200
 #: polaris-sync's RegistryType names, the first tag of the upstreams it writes
@@ -138,6 +158,11 @@ def _is_ip(text: str) -> bool:
 
 def unit_tag(key: model.ServiceKey) -> str:
     return UNIT_TAG + _digest(f"{key.namespace}\x00{key.group}\x00{key.name}", 16)
+
+
+def service_tag(key: model.ServiceKey) -> str:
+    """The tag shared by every upstream (default and groups) of one registry service."""
+    return SERVICE_TAG + _digest(f"{key.namespace}\x00{key.name}", 16)
 
 
 def kong_weight(weight: float) -> int:
@@ -258,6 +283,15 @@ def _message(resp: httpx.Response) -> str:
     return f"HTTP {resp.status_code}"
 
 
+def _error_name(resp: httpx.Response) -> str:
+    """The `name` of a Kong error body (kong/db/errors.lua), or ""."""
+    try:
+        data = resp.json()
+    except ValueError:
+        return ""
+    return str(data.get("name") or "") if isinstance(data, dict) else ""
+
+
 _temporary_status = http.temporary_status
 
 
@@ -313,6 +347,10 @@ class KongConnector(http.HttpConnector):
 
     def representable(self, inst: model.Instance) -> model.Instance:
         return representable(inst)
+
+    def bind_upstream(self, service: model.ServiceKey, upstream_name: str) -> None:
+        if upstream_name:
+            self._names[service] = upstream_name
 
     # ---- lifecycle ------------------------------------------------------------------
     async def _read(self, path: str, what: str, params: Mapping[str, Any] | None = None) -> Json | None:
@@ -467,7 +505,7 @@ class KongConnector(http.HttpConnector):
     async def _ensure_upstream(self, key: model.ServiceKey, name: str, task: str) -> None:
         if name in self._exists:
             return
-        body = {"name": name, "tags": [*self._owner_tags(task), unit_tag(key)]}
+        body = {"name": name, "tags": [*self._owner_tags(task), unit_tag(key), service_tag(key)]}
         resp = await self._write("POST", "/upstreams", f"create upstream {name}", body)
         if resp.status_code == 404:
             raise _WriteFailed(f"create upstream {name}: {_message(resp)}", temporary=False)
@@ -535,3 +573,75 @@ class KongConnector(http.HttpConnector):
                                  {"weight": body["weight"], "tags": body["tags"]})
         if resp.status_code in (404, 409):
             raise _WriteFailed(f"{what}: {_message(resp)}", temporary=True)
+
+    # ---- retiring a unit ------------------------------------------------------------------
+    async def retire(self, service: model.ServiceKey, ctx: base.ApplyContext) -> list[base.Retired]:
+        try:
+            name = ctx.upstream_name or await self._resolve(service)
+        except errors.ReadError as exc:
+            return [base.Retired("upstream", self.upstream_name(service), base.FAILED, str(exc))]
+        upstream = await self._retire_upstream(name, ctx.task)
+        done = [upstream] if upstream is not None else []
+        if service.group or (upstream is not None and upstream.action != base.DELETED):
+            return done  # only a default unit has a service, and only a gone upstream lets it go
+        found = await self._retire_service(service, name, ctx.task)
+        return [*done, found] if found is not None else done
+
+    def _mine(self, entity: Mapping[str, Any], task: str) -> bool:
+        return TASK_TAG + encode_tag(task) in (entity.get("tags") or [])
+
+    async def _retire_upstream(self, name: str, task: str) -> base.Retired | None:
+        """Delete upstream `name` when it is this task's and holds only its targets; None when absent."""
+        quoted = urllib.parse.quote(name, safe="")
+        try:
+            found = await self._read(f"/upstreams/{quoted}", f"upstream {name}")
+            if found is None:
+                return None
+            if not self._mine(found, task):
+                return base.Retired("upstream", name, base.KEPT, base.not_made_by(task))
+            held = await self._pages(f"/upstreams/{quoted}/targets", f"targets of upstream {name}") or []
+        except errors.ReadError as exc:
+            return base.Retired("upstream", name, base.FAILED, str(exc))
+        foreign = [str(t.get("target")) for t in held if marks_of(t.get("tags")).get(marks.TASK) != task]
+        if foreign:
+            return base.Retired("upstream", name, base.KEPT,
+                                f"holds {len(foreign)} target(s) task {task!r} does not own: {', '.join(foreign[:5])}")
+        self._exists.discard(name)
+        return await self._remove("upstream", name, found)
+
+    async def _retire_service(self, key: model.ServiceKey, upstream: str, task: str) -> base.Retired | None:
+        """Delete the unit's Kong service when it is this task's and nothing of it is left; None when absent."""
+        name = self.service_name(key)
+        try:
+            found = await self._read(f"/services/{urllib.parse.quote(name, safe='')}", f"service {name}")
+            if found is None:
+                return None
+            if not self._mine(found, task):
+                return base.Retired("service", name, base.KEPT, base.not_made_by(task))
+            if found.get("host") != upstream:
+                return base.Retired("service", name, base.KEPT,
+                                    f"points at {found.get('host')!r}, not at the retired upstream {upstream!r}")
+            tags = f"{TASK_TAG}{encode_tag(task)},{service_tag(key)}"
+            siblings = await self._pages("/upstreams", f"upstreams of service {name}", {"tags": tags}) or []
+        except errors.ReadError as exc:
+            return base.Retired("service", name, base.FAILED, str(exc))
+        left = sorted(str(u.get("name")) for u in siblings if u.get("name") != upstream)
+        if left:
+            return base.Retired("service", name, base.KEPT,
+                                f"upstreams task {task!r} made for it remain: {', '.join(left[:5])}")
+        return await self._remove("service", name, found)
+
+    async def _remove(self, kind: str, name: str, entity: Mapping[str, Any]) -> base.Retired:
+        """DELETE one upstream or service (by id, as read): Kong's answer as a Retired entry."""
+        what = f"delete {kind} {name}"
+        ref = urllib.parse.quote(str(entity.get("id") or name), safe="")
+        try:
+            resp = await self._send("DELETE", f"/{kind}s/{ref}")
+        except httpx.HTTPError as exc:
+            return base.Retired(kind, name, base.FAILED, f"kong {self.name}: {what}: {_describe(exc)}")
+        if resp.status_code in (200, 204, 404):
+            return base.Retired(kind, name, base.DELETED)
+        if resp.status_code == 400 and _error_name(resp) == "foreign key violation":
+            # e.g. routes still use the service: Kong keeps it, and so do we
+            return base.Retired(kind, name, base.KEPT, f"Kong refuses the delete: {_message(resp)}")
+        return base.Retired(kind, name, base.FAILED, f"kong {self.name}: {what}: {_message(resp)}")

@@ -55,6 +55,18 @@ nothing behind), and otherwise keeps the block with one placeholder server
 stays valid). `list_instances` never returns the placeholder. The engine's
 empty-source grace keeps a suddenly empty registry from getting this far.
 
+Retiring a unit (`retire`, after a removed task's or unit's copies are deleted):
+every block with this task's mark for the unit's service that holds no server
+without this task's mark (an empty or placeholder block, say) is removed, under the
+same lock, check and reload as a write: when `nginx -t` refuses the file without it
+(a hand-written `proxy_pass` still names the upstream), the previous file is put back
+and the block stays with its placeholder, and the log carries nginx's error: removing
+it is then the operator's, together with what refers to it (a later cleanup of the
+same unit removes it once nothing does). A block holding a server added by hand stays,
+and the log says why; blocks and upstreams made by hand or by another task are never
+touched. A failed read, write or reload puts the previous file back and changes
+nothing more.
+
 Servers (the representable law)
 -------------------------------
 * weight: nginx weights are integers >= 1 (default 1). Every server of a block
@@ -498,18 +510,24 @@ class NginxConnector(base.Connector):
                 del current[blamed]
                 created.discard(blamed)
                 continue
-            if self.reload:
-                master = self._master_pid()
-                before = _children(master) if master else set()
-                failed = self._nginx("-s", "reload")
-                if failed is not None:
-                    self._restore(text)
-                    return f"nginx reload failed, the previous file stays: {failed}", True
-                if master:
-                    self._wait_new_workers(master, before)
+            failed = self._reload()
+            if failed is not None:
+                self._restore(text)
+                return f"nginx reload failed, the previous file stays: {failed}", True
             return None
         self._restore(text)
         return f"nginx -t refused more than {MAX_BLAMED} new servers; the previous file stays", False
+
+    def _reload(self) -> str | None:
+        """`nginx -s reload` (unless turned off) and wait for the new workers; None, or nginx's error."""
+        if not self.reload:
+            return None
+        master = self._master_pid()
+        before = _children(master) if master else set()
+        failed = self._nginx("-s", "reload")
+        if failed is None and master:
+            self._wait_new_workers(master, before)
+        return failed
 
     def _master_pid(self) -> int | None:
         """The running master's pid: `options.pid_path`, else the `pid` directive of `conf_path`."""
@@ -568,6 +586,49 @@ class NginxConnector(base.Connector):
     def _restore(self, text: str) -> None:
         write_atomic(self.path, text)
 
+    # ---- retiring a unit ----------------------------------------------------------------
+    async def retire(self, service: model.ServiceKey, ctx: base.ApplyContext) -> list[base.Retired]:
+        return await asyncio.to_thread(self._retire, service, ctx)
+
+    def _retire(self, service: model.ServiceKey, ctx: base.ApplyContext) -> list[base.Retired]:
+        try:
+            with locked(self.path):
+                text, segments = self._read()
+                done: list[base.Retired] = []
+                gone: list[int] = []
+                for i, s in enumerate(segments):
+                    if not (isinstance(s, Block) and s.task == ctx.task and s.service == service):
+                        continue
+                    foreign = _foreign_servers(s, ctx.task)
+                    if foreign:
+                        done.append(base.Retired("block", s.name, base.KEPT, f"holds {len(foreign)} server(s) "
+                                                 f"task {ctx.task!r} does not own: {', '.join(foreign[:5])}"))
+                    else:
+                        gone.append(i)
+                if gone:
+                    done += self._remove_blocks(text, segments, gone)
+        except errors.SyncError as exc:
+            return [base.Retired("block", upstream_name(service), base.FAILED, str(exc))]
+        except OSError as exc:
+            return [base.Retired("block", upstream_name(service), base.FAILED, f"cannot write {self.path}: {exc}")]
+        return done
+
+    def _remove_blocks(self, text: str, segments: list[Segment], gone: list[int]) -> list[base.Retired]:
+        """Render without the `gone` blocks, check, reload; the previous file comes back on any failure."""
+        names = [s.name for i, s in enumerate(segments) if i in gone and isinstance(s, Block)]
+        write_atomic(self.path, self._render(segments, gone, None))
+        refused = self.check()
+        if refused is not None:
+            self._restore(text)
+            return [base.Retired("block", n, base.KEPT, f"nginx -t refuses the config without it: {refused}")
+                    for n in names]
+        failed = self._reload()
+        if failed is not None:
+            self._restore(text)
+            return [base.Retired("block", n, base.FAILED, f"nginx reload failed, the previous file stays: {failed}")
+                    for n in names]
+        return [base.Retired("block", n, base.DELETED) for n in names]
+
     # ---- health --------------------------------------------------------------------------
     async def health(self) -> str | None:
         try:
@@ -577,6 +638,12 @@ class NginxConnector(base.Connector):
         if not os.access(self.path.parent, os.W_OK):
             return f"{self.path.parent} is not writable"
         return await asyncio.to_thread(self.check)
+
+
+def _foreign_servers(block: Block, task: str) -> list[str]:
+    """The servers of one of our blocks that `task` does not own (and lines that do not parse)."""
+    insts, bad = block_instances(block)
+    return [f"{i.host}:{i.port}" for i in insts if i.metadata.get(marks.TASK) != task] + bad
 
 
 def _children(pid: int | None) -> set[int]:

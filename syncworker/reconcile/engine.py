@@ -349,25 +349,67 @@ class Engine:
 async def cleanup_units(factory: ConnectorFactory, cfg: models.TaskConfig, units: Sequence[unit.Unit]) -> int:
     """Delete the copies `cfg`'s task owns under these units' destination services.
 
+    Then a gateway retires what it made for each unit whose copies are all gone (its
+    upstream, service, route, cluster or block; see `Connector.retire`); a unit whose
+    read or deletes failed keeps them. Nothing here raises for one unit's trouble.
     Shared by the engine (a removed or changed task) and the cluster scheduler.
     """
     dest = factory(endpoint_of(cfg.destination))
     owner = planner.Owner(cfg.name, cfg.source.name)
-    removed = 0
+    removed = retired = 0
     try:
         await dest.open()
-        for u in units:
-            try:
-                listing = await dest.list_instances(u.dest_service)
-            except Exception as exc:
-                log.warning("cleanup read failed", extra={"unit": u.key, "error": str(exc)})
-                continue
-            p = planner.plan([], listing.instances, owner)
-            if p.deletes:
-                ctx = base.ApplyContext(task=cfg.name, desired=(), upstream_name=u.upstream_name)
-                outcomes = await dest.apply(u.dest_service, planner.Plan(deletes=p.deletes), ctx)
-                removed += sum(1 for o in outcomes if o.ok)
+        # a gateway's service object goes with its default unit, so that unit comes after its groups
+        for u in sorted(units, key=lambda u: not u.dest_service.group):
+            deleted, clean = await _delete_copies(dest, owner, u)
+            removed += deleted
+            if clean:
+                retired += await _retire(dest, cfg.name, u)
     finally:
         await dest.close()
-    log.info("copies of a removed task or unit cleaned up", extra={"task": cfg.name, "deleted": removed})
+    log.info("copies of a removed task or unit cleaned up",
+             extra={"task": cfg.name, "deleted": removed, "retired": retired})
     return removed
+
+
+async def _delete_copies(dest: base.Connector, owner: planner.Owner, u: unit.Unit) -> tuple[int, bool]:
+    """(copies deleted, whether every owned copy of the unit is gone now)."""
+    dest.bind_upstream(u.dest_service, u.upstream_name)
+    try:
+        listing = await dest.list_instances(u.dest_service)
+    except Exception as exc:
+        log.warning("cleanup read failed", extra={"unit": u.key, "error": str(exc)})
+        return 0, False
+    p = planner.plan([], listing.instances, owner)
+    if not p.deletes:
+        return 0, True
+    ctx = base.ApplyContext(task=owner.task, desired=(), upstream_name=u.upstream_name)
+    try:
+        outcomes = await dest.apply(u.dest_service, planner.Plan(deletes=p.deletes), ctx)
+    except Exception as exc:
+        log.warning("cleanup deletes failed", extra={"unit": u.key, "error": f"{type(exc).__name__}: {exc}"})
+        return 0, False
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        log.warning("cleanup deletes failed; the unit's gateway objects stay",
+                    extra={"unit": u.key, "failed": len(failed), "error": failed[0].error})
+    return len(outcomes) - len(failed), not failed
+
+
+async def _retire(dest: base.Connector, task: str, u: unit.Unit) -> int:
+    """Let the destination retire the unit's gateway objects; how many it deleted (never raises)."""
+    try:
+        done = await dest.retire(u.dest_service, base.ApplyContext(task=task, upstream_name=u.upstream_name))
+    except Exception as exc:  # a connector bug must not stop the cleanup of the other units
+        log.warning("retiring gateway objects failed; nothing more deleted",
+                    extra={"unit": u.key, "error": f"{type(exc).__name__}: {exc}"})
+        return 0
+    for r in done:
+        extra = {"unit": u.key, "object": f"{r.kind} {r.name}", "reason": r.reason}
+        if r.action == base.DELETED:
+            log.info("gateway object of a removed unit deleted", extra=extra)
+        elif r.action == base.KEPT:
+            log.info("gateway object of a removed unit kept", extra=extra)
+        else:
+            log.warning("retiring a gateway object failed; nothing more deleted", extra=extra)
+    return sum(1 for r in done if r.action == base.DELETED)

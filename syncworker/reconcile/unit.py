@@ -77,6 +77,7 @@ async def reconcile(unit: Unit, source: base.Connector, dest: base.Connector, st
     now = clock()
     state.last_run = time.time()
     state.runs += 1
+    dest.bind_upstream(unit.dest_service, unit.upstream_name)
     try:
         # both reads at once: a unit's latency is then the slower read, not their sum
         src, dst = await _both(source.list_instances(unit.source_service), dest.read_destination(unit.dest_service))

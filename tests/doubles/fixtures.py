@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 from syncworker.sandbox.ports import PortAllocator
+from tests.doubles._server import DoubleServer, Reply, Request
 from tests.doubles.apisix_admin_double import ApisixAdminDouble
 from tests.doubles.kong_admin_double import KongAdminDouble
 
@@ -31,3 +34,16 @@ def running_apisix_double(alloc: PortAllocator | None = None, **options: Any) ->
         yield double
     finally:
         double.close()
+
+
+def answer(monkeypatch: pytest.MonkeyPatch, double: DoubleServer, method: str, path: str, reply: Reply) -> None:
+    """Make `double` answer `method path` (the path exactly, query aside) with `reply` until the test ends
+    (or `monkeypatch.undo()`); every other request as usual."""
+    original = double.handle
+
+    def handle(request: Request) -> Reply:
+        if request.method == method and request.raw_path.split("?", 1)[0] == path:
+            return reply
+        return original(request)
+
+    monkeypatch.setattr(double, "handle", handle)

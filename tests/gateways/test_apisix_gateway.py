@@ -5,7 +5,8 @@ empty, large upstreams, errors, ids, labels, node ownership, optional routes) an
 end-to-end runs of the engine from an in-memory registry into the double:
 polaris-sync's scenario (three upstreams: default, version-1, version-2), nodes
 added by hand that survive every sync, a failed source read that changes nothing,
-and a gateway outage the sync recovers from.
+a gateway outage the sync recovers from, and a removed task that retires its
+upstreams and routes and nothing else.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from syncworker.connectors import apisix, base, memory, registry
 from syncworker.reconcile import engine as engine_mod
 from syncworker.reconcile import planner
 from syncworker.sandbox import harness
+from tests.doubles._server import json_reply
 from tests.doubles.apisix_admin_double import DEFAULT_ADMIN_KEY, ApisixAdminDouble
-from tests.doubles.fixtures import running_apisix_double
+from tests.doubles.fixtures import answer, running_apisix_double
 
 pytestmark = pytest.mark.peers
 
@@ -332,14 +334,20 @@ def test_a_node_taken_meanwhile_is_a_clash_and_a_changed_node_is_retried(apisix_
 
 
 # ---- end to end with the engine -----------------------------------------------------------
-def scenario_config(source_address: str, url: str) -> models.RegistryConfig:
-    """conf/polaris-to-apisix.json with the source swapped for a memory registry of the same name."""
+def scenario_config(source_address: str, url: str, upstream_names: dict[str, str] | None = None,
+                    **destination_options: Any) -> models.RegistryConfig:
+    """conf/polaris-to-apisix.json with the source swapped for a memory registry of the same name
+    (and `upstreamName`s given to groups by group name)."""
     doc = json.loads(json.dumps(loader.parse_text((ROOT / "conf" / "polaris-to-apisix.json").read_text(),
                                                   "polaris-to-apisix.json")[0]))
     task = doc["tasks"][0]
     task["source"] = {"name": SOURCE, "type": "memory", "addresses": [source_address]}
     task["destination"]["addresses"] = [url]
     task["destination"]["token"] = DEFAULT_ADMIN_KEY
+    task["destination"]["options"].update(destination_options)
+    for group in task["match"][0]["groups"]:
+        if group["name"] in (upstream_names or {}):
+            group["upstreamName"] = upstream_names[group["name"]]  # type: ignore[index]
     return loader.load_text(json.dumps(doc), "polaris-to-apisix.json")
 
 
@@ -474,3 +482,136 @@ def test_gateway_outage_then_the_current_state_arrives_within_10s(
     took = asyncio.run(main())
     print(f"\napisix refused connections for 3 s: current state {took:.2f} s after the return")
     assert took < RECOVERY_LIMIT
+
+
+# ---- a removed task retires the upstreams and routes it made ---------------------------------
+OTHER_TASK = "another-task"
+OTHER_SVC = model.ServiceKey("default", "", "other.service")
+UP_OTHER = "default.other.service.default"
+
+
+def routes(double: ApisixAdminDouble) -> dict[str, str]:
+    """route id -> upstream_id."""
+    return {rid: str(value.get("upstream_id")) for rid, value in double.state()["routes"].items()}
+
+
+async def sync_then_remove(cfg: models.RegistryConfig, ready: Callable[[], bool],
+                           between: Callable[[], None] = lambda: None) -> None:
+    """Run `cfg` until `ready`, call `between`, then remove every task (a config without them)."""
+    async with running(cfg) as eng:
+        await eventually(ready, 10, "the synced state")
+        assert await eng.settle(10)
+        between()
+        changes = await eng.apply_config(models.RegistryConfig())
+        assert changes["removed"] == [TASK]
+
+
+def another_tasks_objects(double: ApisixAdminDouble) -> None:
+    """An upstream and a route another task made through the connector, plus hand-made ones."""
+    async def main() -> None:
+        async with connector(endpoint(double, create_routes=True)) as conn:
+            other = planner.Owner(OTHER_TASK, SOURCE)
+            _, outcomes = await sync(conn, OTHER_SVC, [copy("10.0.0.7", task=OTHER_TASK)], other)
+            assert all(o.ok for o in outcomes)
+    asyncio.run(main())
+    with admin(double) as api:
+        assert api.put("/upstreams/hand-made", json={"nodes": {"10.9.9.9:80": 1}}).status_code == 201
+        assert api.put("/routes/hand-route", json={"uri": "/hand/*", "upstream_id": "hand-made"}).status_code == 201
+
+
+def test_a_removed_task_leaves_none_of_its_upstreams_and_routes(apisix_double: ApisixAdminDouble,
+                                                               registry_store: tuple[str, memory.Store]) -> None:
+    address, store = registry_store
+    seed(store)
+    another_tasks_objects(apisix_double)
+    others = {UP_OTHER: {"10.0.0.7:8080": 100}, "hand-made": {"10.9.9.9:80": 1}}
+    cfg = scenario_config(address, apisix_double.url, {"version-1": "svc3-v1"}, create_routes=True)
+
+    def named() -> None:  # the configured upstreamName is the upstream's name; its id stays derived
+        assert apisix_double.state()["upstreams"][UP_V1]["name"] == "svc3-v1"
+
+    # the removal runs `cleanup_units` with a connector of its own (as after a restart)
+    asyncio.run(sync_then_remove(cfg, lambda: nodes(apisix_double) == {**EXPECTED, **others}, named))
+    assert nodes(apisix_double) == others
+    assert routes(apisix_double) == {UP_OTHER: UP_OTHER, "hand-route": "hand-made"}
+
+
+def test_a_hand_added_node_keeps_its_upstream_and_route(apisix_double: ApisixAdminDouble,
+                                                         registry_store: tuple[str, memory.Store]) -> None:
+    address, store = registry_store
+    seed(store)
+    asyncio.run(sync_then_remove(
+        scenario_config(address, apisix_double.url, create_routes=True), lambda: nodes(apisix_double) == EXPECTED,
+        lambda: add_node_by_hand(apisix_double, UP_DEFAULT, {"host": "10.8.8.8", "port": 80, "weight": 10})))
+    assert nodes(apisix_double) == {UP_DEFAULT: {"10.8.8.8:80": 10}}
+    assert routes(apisix_double) == {UP_DEFAULT: UP_DEFAULT}  # it still routes to the hand-added node
+
+
+def test_hand_made_upstream_and_routes_are_untouched(apisix_double: ApisixAdminDouble,
+                                                     registry_store: tuple[str, memory.Store]) -> None:
+    """An upstream and a route made by hand with the ids the task would use, and a hand route that uses
+    one of the task's upstreams: APISIX refuses to delete an upstream in use, so that one stays too."""
+    address, store = registry_store
+    seed(store)
+    with admin(apisix_double) as api:
+        assert api.put(f"/upstreams/{UP_DEFAULT}", json={"nodes": {}, "labels": {"team": "a"}}).status_code == 201
+        assert api.put(f"/routes/{UP_DEFAULT}", json={"uri": "/team-a/*", "upstream_id": UP_DEFAULT}
+                       ).status_code == 201
+
+    def hand_route_on_v1() -> None:
+        with admin(apisix_double) as api:
+            assert api.put("/routes/uses-v1", json={"uri": "/v1/*", "upstream_id": UP_V1}).status_code == 201
+
+    asyncio.run(sync_then_remove(scenario_config(address, apisix_double.url, create_routes=True),
+                                 lambda: nodes(apisix_double) == EXPECTED, hand_route_on_v1))
+    assert nodes(apisix_double) == {UP_DEFAULT: {}, UP_V1: {}}
+    assert apisix_double.state()["upstreams"][UP_DEFAULT]["labels"] == {"team": "a"}
+    assert routes(apisix_double) == {UP_DEFAULT: UP_DEFAULT, "uses-v1": UP_V1}
+    assert apisix_double.state()["routes"][UP_DEFAULT]["uri"] == "/team-a/*"
+
+
+def test_another_tasks_upstream_is_never_retired(apisix_double: ApisixAdminDouble) -> None:
+    another_tasks_objects(apisix_double)
+    before = apisix_double.state()
+
+    async def main() -> list[base.Retired]:
+        async with connector(endpoint(apisix_double)) as conn:
+            return await conn.retire(OTHER_SVC, base.ApplyContext(TASK))
+
+    (kept,) = asyncio.run(main())
+    assert (kept.kind, kept.action) == ("upstream", base.KEPT) and "not made by task" in kept.reason
+    assert apisix_double.state() == before
+
+
+def test_failed_reads_and_writes_while_retiring_delete_nothing_more(
+        apisix_double: ApisixAdminDouble, registry_store: tuple[str, memory.Store],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    address, store = registry_store
+    seed(store)
+    cfg = scenario_config(address, apisix_double.url, create_routes=True)
+
+    async def synced() -> None:
+        async with running(cfg):
+            await eventually(lambda: nodes(apisix_double) == EXPECTED, 10, "the three upstreams")
+    asyncio.run(synced())  # stopped: the copies stay
+
+    async def retire(key: model.ServiceKey) -> list[base.Retired]:
+        async with connector(endpoint(apisix_double)) as conn:
+            return await conn.retire(key, base.ApplyContext(TASK))
+
+    apisix_double.fail_next(1, 500)  # the first read of the retirement
+    (failed,) = asyncio.run(retire(V1))
+    assert failed.action == base.FAILED and "HTTP 500" in failed.reason
+    assert set(nodes(apisix_double)) == set(EXPECTED)
+
+    # the route's delete fails: its upstream (next in line) stays; the cleanup goes on and returns
+    answer(monkeypatch, apisix_double, "DELETE", f"/apisix/admin/routes/{UP_DEFAULT}",
+           json_reply(500, {"error_msg": "etcd is down"}))
+    deleted = asyncio.run(engine_mod.Engine(registry.create).cleanup_task(cfg.tasks[0]))
+    assert deleted == 7
+    assert nodes(apisix_double) == {UP_DEFAULT: {}}
+    assert routes(apisix_double) == {UP_DEFAULT: UP_DEFAULT}
+    monkeypatch.undo()
+    route, upstream = asyncio.run(retire(SVC))
+    assert [(r.kind, r.action) for r in (route, upstream)] == [("route", base.DELETED), ("upstream", base.DELETED)]
+    assert nodes(apisix_double) == {} and routes(apisix_double) == {}

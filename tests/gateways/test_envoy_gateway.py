@@ -3,7 +3,8 @@
 Contract: a plan applied gives back `representable(x)`, a second plan is empty, Envoy
 serves what was written, hand-written clusters survive. End to end: the engine
 syncs a memory registry whose instances are real local backends into Envoy, and
-real requests through Envoy follow the registry within two seconds.
+real requests through Envoy follow the registry within two seconds. A removed task
+retires its clusters (and nothing else) from what Envoy serves.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import httpx
 import pytest
 
 from syncworker import errors, marks, model
+from syncworker.config import models
 from syncworker.connectors import base, memory, registry
 from syncworker.connectors import envoy as envoy_mod
+from syncworker.reconcile import engine as engine_mod
 from syncworker.reconcile import planner
 from syncworker.sandbox import base as sandbox_base
 from syncworker.sandbox import harness
@@ -363,3 +366,99 @@ def test_polaris_to_envoy(envoy_run: sandbox_base.Running, backends: list[Backen
     # Polaris's Discover cache refreshes once a second and the watch polls every 0.2 s
     assert timings["add"] < PROPAGATION_LIMIT, timings
     assert timings["remove"] < PROPAGATION_LIMIT, timings
+
+
+# ---- a removed task retires its clusters ---------------------------------------------------------
+def destination(running: sandbox_base.Running) -> dict[str, object]:
+    return {"name": "envoy", "type": "envoy", "addresses": ["file:///unused"],
+            "options": {"cds_path": running.extra["cds_path"], "eds_dir": running.extra["eds_dir"]}}
+
+
+def eds_file(running: sandbox_base.Running, name: str) -> Path:
+    return Path(str(running.extra["eds_dir"])) / f"{name}.json"
+
+
+def test_a_removed_task_leaves_none_of_its_clusters(envoy_run: sandbox_base.Running, peers: harness.PeerPool,
+                                                    store: tuple[str, memory.Store]) -> None:
+    address, mem = store
+    svc = model.ServiceKey(NS, "", "retired")
+    for version in ("1", "2"):
+        mem.put(svc, model.Instance(host="127.0.0.1", port=peers.alloc.one(), metadata={"version": version}))
+    hand_cluster(envoy_run, "hand-retire", peers.alloc.one())
+    other = model.ServiceKey(NS, "", "retire-other")
+    other_copy = marks.stamp(model.Instance(host="127.0.0.1", port=peers.alloc.one()), "other-task", "registry")
+    outcomes = asyncio.run(connector(envoy_run).apply(other, planner.Plan(creates=(other_copy,)),
+                                                      base.ApplyContext(task="other-task", desired=(other_copy,))))
+    assert all(o.ok for o in outcomes)
+    cfg = config(TASK, address, destination(envoy_run), [{"namespace": NS, "service": "retired", "groups": [
+        {"name": "v2", "metadata": {"version": "2"}, "upstreamName": "retired-custom"}]}])
+    ours = {"default.retired", "retired-custom"}
+
+    async def scenario() -> None:
+        async with running_engine(cfg) as eng:
+            await asyncio.to_thread(wait_admin, envoy_run, lambda t: all(f"{n}::127.0.0.1:" in t for n in ours))
+            assert await eng.settle(10)
+            assert (await eng.apply_config(models.RegistryConfig()))["removed"] == [TASK]
+
+    asyncio.run(scenario())
+    names = [c["name"] for c in cds(envoy_run)]
+    assert not ours & set(names) and {"hand-retire", "default.retire-other"} <= set(names)
+    assert not any(eds_file(envoy_run, n).exists() for n in ours)
+    wait_admin(envoy_run, lambda t: not any(f"{n}::" in t for n in ours) and "hand-retire::127.0.0.1" in t
+               and "default.retire-other::127.0.0.1" in t)
+
+
+def test_a_hand_added_endpoint_keeps_its_cluster(envoy_run: sandbox_base.Running, peers: harness.PeerPool,
+                                                 store: tuple[str, memory.Store]) -> None:
+    address, _ = store
+    conn = connector(envoy_run)
+    svc = model.ServiceKey(NS, "", "retire-kept")
+    name = envoy_mod.cluster_name(svc)
+    ours = conn.representable(copy(peers.alloc.one()))
+    assert all(o.ok for o in asyncio.run(conn.apply(svc, planner.Plan(creates=(ours,)),
+                                                    base.ApplyContext(task=TASK, desired=(ours,)))))
+    hand_port = peers.alloc.one()
+    path = eds_file(envoy_run, name)
+    body = json.loads(path.read_text())
+    body["resources"][0]["endpoints"][0]["lb_endpoints"].append(
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": hand_port}}}})
+    envoy_mod.write_atomic(path, json.dumps(body))
+    cfg = config(TASK, address, destination(envoy_run), [{"namespace": NS, "service": "retire-kept"}])
+    assert asyncio.run(engine_mod.Engine(registry.create).cleanup_task(cfg.tasks[0])) == 1
+    assert [(i.host, i.port, dict(i.metadata)) for i in asyncio.run(conn.list_instances(svc)).instances] == [
+        ("127.0.0.1", hand_port, {})]
+    assert name in [c["name"] for c in cds(envoy_run)]
+    wait_admin(envoy_run, lambda t: f"{name}::127.0.0.1:{hand_port}::" in t and f":{ours.port}::" not in t)
+    (kept,) = asyncio.run(conn.retire(svc, base.ApplyContext(task=TASK)))
+    assert (kept.kind, kept.name, kept.action) == ("cluster", name, base.KEPT) and str(hand_port) in kept.reason
+
+
+def test_a_cluster_left_empty_is_retired(envoy_run: sandbox_base.Running, peers: harness.PeerPool) -> None:
+    """A cluster of the task with no endpoint (its EDS file emptied or lost): no delete runs for it,
+    retiring drops it."""
+    conn = connector(envoy_run)
+    svc = model.ServiceKey(NS, "", "retire-empty")
+    name = envoy_mod.cluster_name(svc)
+    ours = conn.representable(copy(peers.alloc.one()))
+    assert all(o.ok for o in asyncio.run(conn.apply(svc, planner.Plan(creates=(ours,)),
+                                                    base.ApplyContext(task=TASK, desired=(ours,)))))
+    eds_file(envoy_run, name).unlink()
+    assert asyncio.run(conn.list_instances(svc)).instances == ()
+    assert asyncio.run(conn.retire(svc, base.ApplyContext(task="other-task"))) == []  # not the other task's
+    (done,) = asyncio.run(conn.retire(svc, base.ApplyContext(task=TASK)))
+    assert (done.kind, done.name, done.action) == ("cluster", name, base.DELETED)
+    assert name not in [c["name"] for c in cds(envoy_run)]
+    wait_admin(envoy_run, lambda t: f"{name}::" not in t)
+
+
+def test_unreadable_files_fail_retiring_without_rewriting(tmp_path: Path) -> None:
+    conn = registry.create(base.Endpoint(name="e", type="envoy", addresses=(f"file://{tmp_path}",)))
+    svc = model.ServiceKey(NS, "", "x")
+    want = conn.representable(copy(8080))
+    assert all(o.ok for o in asyncio.run(conn.apply(svc, planner.Plan(creates=(want,)), ctx())))
+    eds = tmp_path / "eds" / "default.x.json"
+    eds.write_text("{ not json")
+    before = (tmp_path / "cds.json").read_text()
+    (failed,) = asyncio.run(conn.retire(svc, ctx()))
+    assert failed.action == base.FAILED and "refusing to rewrite" in failed.reason
+    assert (tmp_path / "cds.json").read_text() == before and eds.read_text() == "{ not json"

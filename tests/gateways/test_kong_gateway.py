@@ -5,8 +5,9 @@ empty, paging, errors, names, tags, ownership) and end-to-end runs of the engine
 from an in-memory registry into the double: polaris-sync's own scenario (one
 service with groups version-1/version-2 becomes one Kong service and three
 upstreams), hand-made upstreams and targets that survive every sync, a failed
-source read that changes nothing, and a gateway outage the sync recovers from.
-The last test runs `conf/polaris-to-kong.json` against a real Polaris.
+source read that changes nothing, a gateway outage the sync recovers from, and a
+removed task that retires its upstreams and service and nothing else. The test
+after those runs `conf/polaris-to-kong.json` against a real Polaris.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from syncworker.connectors import base, kong, memory, registry
 from syncworker.reconcile import engine as engine_mod
 from syncworker.reconcile import planner
 from syncworker.sandbox import harness
-from tests.doubles.fixtures import running_kong_double
+from tests.doubles._server import json_reply
+from tests.doubles.fixtures import answer, running_kong_double
 from tests.doubles.kong_admin_double import KongAdminDouble
 
 pytestmark = pytest.mark.peers
@@ -360,8 +362,10 @@ def test_a_target_created_by_a_racing_write_is_updated_not_duplicated(kong_doubl
 
 
 # ---- end to end with the engine -----------------------------------------------------------
-def scenario_config(source_address: str, kong_url: str, **destination_options: Any) -> models.RegistryConfig:
-    """conf/polaris-to-kong.json with the source swapped for a memory registry of the same name."""
+def scenario_config(source_address: str, kong_url: str, upstream_names: dict[str, str] | None = None,
+                    **destination_options: Any) -> models.RegistryConfig:
+    """conf/polaris-to-kong.json with the source swapped for a memory registry of the same name
+    (and `upstreamName`s given to groups by group name)."""
     doc = json.loads(json.dumps(loader.parse_text((ROOT / "conf" / "polaris-to-kong.json").read_text(),
                                                   "polaris-to-kong.json")[0]))
     task = doc["tasks"][0]
@@ -369,6 +373,9 @@ def scenario_config(source_address: str, kong_url: str, **destination_options: A
     task["destination"]["addresses"] = [kong_url]
     if destination_options:
         task["destination"]["options"] = destination_options
+    for group in task["match"][0]["groups"]:
+        if group["name"] in (upstream_names or {}):
+            group["upstreamName"] = upstream_names[group["name"]]  # type: ignore[index]
     return loader.load_text(json.dumps(doc), "polaris-to-kong.json")
 
 
@@ -601,3 +608,177 @@ def test_polaris_to_kong_conf_against_real_polaris(kong_double: KongAdminDouble,
     lags = asyncio.run(main())
     print(f"\npolaris -> kong watch propagation: {', '.join(f'{x * 1000:.0f} ms' for x in lags)}")
     assert max(lags) < 1.0, lags
+
+
+# ---- a removed task retires the upstreams and the service it made ----------------------------
+OTHER_TASK = "another-task"
+OTHER_SVC = model.ServiceKey("default", "", "other.service")
+#: kong/db/errors.lua FOREIGN_KEY_VIOLATION, as Kong answers a DELETE of a service that routes use
+ROUTES_USE_IT = json_reply(400, {"code": 4, "name": "foreign key violation",
+                                 "message": "an existing 'routes' entity references this 'services' entity",
+                                 "fields": {"@referenced_by": "routes"}})
+
+
+def services(double: KongAdminDouble) -> dict[str, str]:
+    """service name -> host."""
+    return {s["name"]: s["host"] for s in double.state()["services"]}
+
+
+async def sync_then_remove(cfg: models.RegistryConfig, ready: Callable[[], bool],
+                           between: Callable[[], None] = lambda: None) -> None:
+    """Run `cfg` until `ready`, call `between`, then remove every task (a config without them)."""
+    async with running(cfg) as eng:
+        await eventually(ready, 10, "the synced state")
+        assert await eng.settle(10)
+        between()
+        changes = await eng.apply_config(models.RegistryConfig())
+        assert changes["removed"] == [TASK]
+
+
+def another_tasks_objects(double: KongAdminDouble) -> None:
+    """An upstream and a service another task made through the connector, plus hand-made ones."""
+    async def main() -> None:
+        async with connector(endpoint(double)) as conn:
+            other = planner.Owner(OTHER_TASK, SOURCE)
+            _, outcomes = await sync(conn, OTHER_SVC, [copy("10.0.0.7", task=OTHER_TASK)], other)
+            assert all(o.ok for o in outcomes)
+    asyncio.run(main())
+    with admin(double) as api:
+        assert api.post("/upstreams", json={"name": "hand-made.internal"}).status_code == 201
+        assert api.post("/upstreams/hand-made.internal/targets", json={"target": "10.9.9.9:80"}).status_code == 201
+        assert api.post("/services", json={"name": "hand.service", "host": UP_DEFAULT}).status_code == 201
+
+
+def test_a_removed_task_leaves_none_of_its_upstreams_and_its_service(kong_double: KongAdminDouble,
+                                                                    registry_store: tuple[str, memory.Store]) -> None:
+    address, store = registry_store
+    seed(store)
+    another_tasks_objects(kong_double)
+    others = {"default.other.service.default": {"10.0.0.7:8080": 100}, "hand-made.internal": {"10.9.9.9:80": 100}}
+    asyncio.run(sync_then_remove(scenario_config(address, kong_double.url),
+                                 lambda: targets(kong_double) == {**EXPECTED, **others}))
+    assert targets(kong_double) == others
+    assert services(kong_double) == {"default.other.service": "default.other.service.default",
+                                     "hand.service": UP_DEFAULT}
+
+
+@pytest.mark.parametrize("where", [UP_DEFAULT, UP_V1])
+def test_a_hand_added_target_keeps_its_upstream_and_the_service(kong_double: KongAdminDouble,
+                                                                registry_store: tuple[str, memory.Store],
+                                                                where: str) -> None:
+    address, store = registry_store
+    seed(store)
+
+    def add_target() -> None:
+        with admin(kong_double) as api:
+            assert api.post(f"/upstreams/{where}/targets", json={"target": "10.8.8.8:80", "weight": 10}
+                            ).status_code == 201
+
+    asyncio.run(sync_then_remove(scenario_config(address, kong_double.url), lambda: targets(kong_double) == EXPECTED,
+                                 add_target))
+    # the task's targets are gone, the hand target and its upstream stay; the service stays while an
+    # upstream of its service does (the default one it points at, or a group's)
+    assert targets(kong_double) == {where: {"10.8.8.8:80": 10}}
+    assert services(kong_double) == {"default.test.service.3": UP_DEFAULT}
+
+
+def test_hand_made_upstream_and_service_of_the_same_names_are_untouched(
+        kong_double: KongAdminDouble, registry_store: tuple[str, memory.Store]) -> None:
+    address, store = registry_store
+    seed(store)
+    with admin(kong_double) as api:
+        assert api.post("/upstreams", json={"name": UP_DEFAULT, "tags": ["team-a"]}).status_code == 201
+        assert api.post("/services", json={"name": "default.test.service.3", "host": UP_DEFAULT,
+                                           "tags": ["team-a"]}).status_code == 201
+    asyncio.run(sync_then_remove(scenario_config(address, kong_double.url), lambda: targets(kong_double) == EXPECTED))
+    assert targets(kong_double) == {UP_DEFAULT: {}}
+    (up,) = kong_double.state()["upstreams"]
+    (svc,) = kong_double.state()["services"]
+    assert up["tags"] == ["team-a"] and svc["tags"] == ["team-a"] and svc["host"] == UP_DEFAULT
+
+
+def test_another_tasks_upstream_and_service_are_never_retired(kong_double: KongAdminDouble) -> None:
+    another_tasks_objects(kong_double)
+    before = kong_double.state()
+
+    async def main() -> list[base.Retired]:
+        async with connector(endpoint(kong_double)) as conn:
+            return await conn.retire(OTHER_SVC, base.ApplyContext(TASK))
+
+    (kept,) = asyncio.run(main())
+    assert (kept.kind, kept.action) == ("upstream", base.KEPT) and "not made by task" in kept.reason
+    assert kong_double.state() == before
+
+
+def test_bind_upstream_finds_a_configured_upstream_after_a_restart(kong_double: KongAdminDouble) -> None:
+    """The unit tag finds an upstream the connector made, whatever its name; a configured upstream
+    made by hand carries no tag, so only the name bound from the config finds it."""
+    with admin(kong_double) as api:
+        assert api.post("/upstreams", json={"name": "hand-v2.example"}).status_code == 201
+
+    async def main() -> None:
+        async with connector(endpoint(kong_double)) as conn:
+            for key, name in ((V1, "custom-v1.example"), (V2, "hand-v2.example")):
+                conn.bind_upstream(key, name)
+                _, outcomes = await sync(conn, key, [copy("10.0.0.1")], upstream_name=name)
+                assert outcomes and all(o.ok for o in outcomes)  # bound: no re-read needed
+        async with connector(endpoint(kong_double)) as fresh:
+            assert [i.address for i in (await fresh.list_instances(V1)).instances] == [("10.0.0.1", 8080)]
+            assert (await fresh.list_instances(V2)).instances == ()  # the derived name: nothing there
+        async with connector(endpoint(kong_double)) as fresh:
+            fresh.bind_upstream(V2, "hand-v2.example")
+            assert [i.address for i in (await fresh.list_instances(V2)).instances] == [("10.0.0.1", 8080)]
+    asyncio.run(main())
+
+
+def test_configured_upstream_names_are_retired_by_a_fresh_connector(
+        kong_double: KongAdminDouble, registry_store: tuple[str, memory.Store]) -> None:
+    address, store = registry_store
+    seed(store)
+    with admin(kong_double) as api:
+        assert api.post("/upstreams", json={"name": "hand-v2.example"}).status_code == 201
+    cfg = scenario_config(address, kong_double.url, {"version-1": "custom-v1.example", "version-2": "hand-v2.example"})
+    want = {UP_DEFAULT: EXPECTED[UP_DEFAULT], "custom-v1.example": EXPECTED[UP_V1], "hand-v2.example": EXPECTED[UP_V2]}
+    # the removal runs `cleanup_units` with a connector of its own (as after a restart)
+    asyncio.run(sync_then_remove(cfg, lambda: targets(kong_double) == want))
+    assert targets(kong_double) == {"hand-v2.example": {}}  # the task's copies went from the hand-made one too
+    assert services(kong_double) == {}
+
+
+def test_failed_reads_and_writes_while_retiring_delete_nothing_more(
+        kong_double: KongAdminDouble, registry_store: tuple[str, memory.Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address, store = registry_store
+    seed(store)
+    cfg = scenario_config(address, kong_double.url)
+
+    async def synced() -> None:
+        async with running(cfg):
+            await eventually(lambda: targets(kong_double) == EXPECTED, 10, "the three upstreams")
+    asyncio.run(synced())  # stopped: the copies stay
+
+    async def retire(key: model.ServiceKey) -> list[base.Retired]:
+        async with connector(endpoint(kong_double)) as conn:
+            return await conn.retire(key, base.ApplyContext(TASK))
+
+    kong_double.fail_next(1, 500)  # the first read of the retirement
+    (failed,) = asyncio.run(retire(V1))
+    assert failed.action == base.FAILED and "HTTP 500" in failed.reason
+    assert set(targets(kong_double)) == set(EXPECTED)
+
+    # the default upstream's delete fails: the service (next in line) stays; the cleanup goes on and returns
+    default_id = next(u["id"] for u in kong_double.state()["upstreams"] if u["name"] == UP_DEFAULT)
+    answer(monkeypatch, kong_double, "DELETE", f"/upstreams/{default_id}", json_reply(500, {"message": "boom"}))
+    deleted = asyncio.run(engine_mod.Engine(registry.create).cleanup_task(cfg.tasks[0]))
+    assert deleted == 7
+    assert targets(kong_double) == {UP_DEFAULT: {}}
+    assert services(kong_double) == {"default.test.service.3": UP_DEFAULT}
+
+    # routes still use the service: Kong refuses its delete, and the service is kept, not failed
+    monkeypatch.undo()
+    answer(monkeypatch, kong_double, "DELETE", f"/services/{kong_double.state()['services'][0]['id']}",
+           ROUTES_USE_IT)
+    upstream, service = asyncio.run(retire(SVC))
+    assert (upstream.kind, upstream.action) == ("upstream", base.DELETED)
+    assert (service.kind, service.action) == ("service", base.KEPT) and "routes" in service.reason
+    assert targets(kong_double) == {} and services(kong_double) == {"default.test.service.3": UP_DEFAULT}

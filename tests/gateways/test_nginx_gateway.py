@@ -4,7 +4,8 @@ Contract: a plan applied gives back `representable(x)`, a second plan is empty, 
 proxies to what was written, hand-written blocks survive byte for byte, a render
 that fails `nginx -t` never replaces the working file. End to end: the engine syncs
 a memory registry whose instances are real local backends into nginx, and real
-requests through nginx follow the registry within two seconds.
+requests through nginx follow the registry within two seconds. A removed task
+retires its blocks (and nothing else), and never one that nginx still needs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import httpx
 import pytest
 
 from syncworker import errors, marks, model
+from syncworker.config import models
 from syncworker.connectors import base, memory, registry
 from syncworker.connectors import nginx as nginx_mod
+from syncworker.reconcile import engine as engine_mod
 from syncworker.reconcile import planner
 from syncworker.sandbox import base as sandbox_base
 from syncworker.sandbox import harness
@@ -397,3 +400,113 @@ def test_polaris_to_nginx(nginx_run: sandbox_base.Running, backends: list[Backen
     print(f"polaris -> nginx propagation: {timings}")
     assert timings["add"] < PROPAGATION_LIMIT, timings
     assert timings["remove"] < PROPAGATION_LIMIT, timings
+
+
+# ---- a removed task retires its blocks ------------------------------------------------------------
+def destination(running: sandbox_base.Running) -> dict[str, object]:
+    return {"name": "nginx", "type": "nginx", "addresses": ["file:///unused"], "options": options(running)}
+
+
+def cleanup(running: sandbox_base.Running, address: str, service: str) -> int:
+    """`cleanup_units` for the units of a removed task, with connectors of its own (as after a restart)."""
+    cfg = config(TASK, address, destination(running), [{"namespace": NS, "service": service}])
+    return asyncio.run(engine_mod.Engine(registry.create).cleanup_task(cfg.tasks[0]))
+
+
+def test_a_removed_task_leaves_none_of_its_blocks(nginx_run: sandbox_base.Running, peers: harness.PeerPool,
+                                                  store: tuple[str, memory.Store]) -> None:
+    address, mem = store
+    svc = model.ServiceKey(NS, "", "retired")
+    for version in ("1", "2"):
+        mem.put(svc, model.Instance(host="127.0.0.1", port=peers.alloc.one(), metadata={"version": version}))
+    hand = "upstream hand_retire {\n    server 127.0.0.1:9; # keep me\n}\n"
+    hand_append(nginx_run, hand)
+    other = model.ServiceKey(NS, "", "retire-other")
+    other_copy = marks.stamp(model.Instance(host="127.0.0.1", port=peers.alloc.one()), "other-task", "registry")
+    conn = connector(nginx_run)
+    assert all(o.ok for o in asyncio.run(conn.apply(other, planner.Plan(creates=(other_copy,)),
+                                                    base.ApplyContext(task="other-task", desired=(other_copy,)))))
+    other_block = next(b.text for b in nginx_mod.parse(upstreams(nginx_run).read_text(), "")
+                       if isinstance(b, nginx_mod.Block) and b.task == "other-task")
+    cfg = config(TASK, address, destination(nginx_run), [{"namespace": NS, "service": "retired", "groups": [
+        {"name": "v2", "metadata": {"version": "2"}, "upstreamName": "retired-custom"}]}])
+    path = upstreams(nginx_run)
+
+    async def scenario() -> None:
+        async with running_engine(cfg) as eng:
+            deadline = time.monotonic() + 15
+            while not all(f"upstream {n} {{" in path.read_text() for n in ("default.retired", "retired-custom")):
+                assert time.monotonic() < deadline, path.read_text()
+                await asyncio.sleep(0.05)
+            assert await eng.settle()
+            assert (await eng.apply_config(models.RegistryConfig()))["removed"] == [TASK]
+
+    asyncio.run(scenario())
+    text = path.read_text()
+    assert "default.retired " not in text and "retired-custom" not in text
+    assert not [b for b in nginx_mod.parse(text, "") if isinstance(b, nginx_mod.Block) and b.service.name == "retired"]
+    assert hand in text and other_block in text
+    assert conn.check() is None
+
+
+def test_a_block_nginx_still_needs_stays_until_nothing_refers_to_it(nginx_run: sandbox_base.Running,
+                                                                    peers: harness.PeerPool,
+                                                                    store: tuple[str, memory.Store]) -> None:
+    address, _ = store
+    conn = connector(nginx_run)
+    svc = model.ServiceKey(NS, "", "retire-held")
+    name = nginx_mod.upstream_name(svc)
+    asyncio.run(converge(conn, svc, [conn.representable(copy(peers.alloc.one()))]))
+    port = peers.alloc.one()
+    routes = front(port, {"/": name})
+    hand_append(nginx_run, routes)
+    path = upstreams(nginx_run)
+
+    # the task is removed: its copy goes, a hand-written proxy_pass still names the upstream, so
+    # nginx -t refuses the file without it: the block stays with its placeholder (502)
+    assert cleanup(nginx_run, address, "retire-held") == 1
+    held = path.read_text()
+    assert f"upstream {name} {{\n    {nginx_mod.PLACEHOLDER}\n}}" in held
+    (kept,) = asyncio.run(conn.retire(svc, base.ApplyContext(task=TASK)))
+    assert (kept.kind, kept.name, kept.action) == ("block", name, base.KEPT)
+    assert "nginx -t refuses" in kept.reason and name in kept.reason
+    assert path.read_text() == held
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5.0).status_code == 502
+
+    # the operator drops the proxy_pass: a later cleanup of the unit retires the block, with no copy to delete
+    hand_remove(nginx_run, routes)
+    assert cleanup(nginx_run, address, "retire-held") == 0
+    assert f"upstream {name} " not in path.read_text()
+    assert conn.check() is None
+
+
+def test_a_hand_added_server_keeps_its_block(nginx_run: sandbox_base.Running, peers: harness.PeerPool,
+                                             store: tuple[str, memory.Store]) -> None:
+    address, _ = store
+    conn = connector(nginx_run)
+    svc = model.ServiceKey(NS, "", "retire-kept")
+    name = nginx_mod.upstream_name(svc)
+    ours = conn.representable(copy(peers.alloc.one()))
+    asyncio.run(converge(conn, svc, [ours]))
+    hand_port = peers.alloc.one()
+    text = upstreams(nginx_run).read_text()
+    head = f"upstream {name} {{\n"
+    Nginx().apply_upstreams(nginx_run, text.replace(head, f"{head}    server 127.0.0.1:{hand_port}; # by hand\n"))
+    assert cleanup(nginx_run, address, "retire-kept") == 1
+    # the block is rendered anew around the hand-added server (as a write keeps it), without the copy
+    assert [(i.host, i.port, dict(i.metadata)) for i in asyncio.run(conn.list_instances(svc)).instances] == [
+        ("127.0.0.1", hand_port, {})]
+    assert f"upstream {name} {{" in upstreams(nginx_run).read_text()
+    (kept,) = asyncio.run(conn.retire(svc, base.ApplyContext(task=TASK)))
+    assert (kept.kind, kept.name, kept.action) == ("block", name, base.KEPT) and str(hand_port) in kept.reason
+    assert conn.check() is None
+
+
+def test_an_unreadable_file_fails_retiring_without_rewriting(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.conf"
+    text = f"# syncworker task={TASK} origin=o namespace=default group= service=x\nupstream default.x {{\n"
+    path.write_text(text)
+    conn = registry.create(base.Endpoint(name="n", type="nginx", addresses=(f"file://{path}",)))
+    (failed,) = asyncio.run(conn.retire(model.ServiceKey("default", "", "x"), base.ApplyContext(task=TASK)))
+    assert failed.action == base.FAILED and "not closed" in failed.reason
+    assert path.read_text() == text

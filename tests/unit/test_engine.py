@@ -1,5 +1,5 @@
-"""The engine over in-memory registries: two-way sync, no loops, clashes, safe deletes, task removal,
-coalescing and watch events."""
+"""The engine over in-memory registries: two-way sync, no loops, clashes, safe deletes, task removal
+(and the gateway objects it retires), coalescing and watch events."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 from syncworker import marks, model
 from syncworker.config import models
-from syncworker.connectors import memory, registry
-from syncworker.reconcile import engine
+from syncworker.connectors import base, memory, registry
+from syncworker.reconcile import engine, units
 
 from .helpers import run
 
@@ -390,3 +390,68 @@ def test_a_disabled_task_keeps_its_copies_and_a_removed_one_loses_them() -> None
         await eng.stop()
 
     _asyncio.run(main())
+
+
+class GatewayDouble(memory.MemoryConnector):
+    """A memory destination that records what a cleanup asks of a gateway; `retire` raises when told to."""
+
+    calls: ClassVar[list[tuple[str, ...]]] = []
+    retire_raises: ClassVar[bool] = False
+
+    def bind_upstream(self, service: model.ServiceKey, upstream_name: str) -> None:
+        self.calls.append(("bind", str(service), upstream_name))
+
+    async def retire(self, service: model.ServiceKey, ctx: base.ApplyContext) -> list[base.Retired]:
+        self.calls.append(("retire", str(service), ctx.task, ctx.upstream_name))
+        if self.retire_raises:
+            raise RuntimeError("a connector bug")
+        return [base.Retired("upstream", str(service), base.DELETED)]
+
+
+def gateway_factory(endpoint: base.Endpoint) -> base.Connector:
+    return GatewayDouble(endpoint) if endpoint.name == "gw" else registry.create(endpoint)
+
+
+def test_cleanup_retires_gateway_objects_of_units_whose_copies_are_gone_and_never_raises() -> None:
+    cfg = config({"name": "rt", "source": ep("A", "mem-rt-a"), "destination": ep("gw", "mem-rt-gw"),
+                  "match": [{"namespace": "ns", "service": "svc",
+                             "groups": [{"name": "g1", "metadata": {"v": "1"}, "upstreamName": "up-g1"}]}]}).tasks[0]
+    found = list(units.units_for(cfg, GatewayDouble.capabilities, [SVC], cfg.match[0]).values())
+    default, group = (model.ServiceKey("ns", "", "svc"), model.ServiceKey("ns", "g1", "svc"))
+    assert [u.dest_service for u in found] == [default, group]
+    dest = memory.store("mem-rt-gw")
+
+    def seed() -> None:
+        for key in (default, group):
+            dest.put(key, marks.stamp(model.Instance("10.0.0.1", 80), "rt", "A"))
+        dest.put(default, model.Instance("10.0.0.2", 80))  # native: never deleted
+
+    seed()
+    GatewayDouble.calls.clear()
+    assert run(engine.cleanup_units(gateway_factory, cfg, found)) == 2
+    # the group unit first (a gateway's service object goes with the default unit), names bound before reads
+    assert GatewayDouble.calls == [("bind", str(group), "up-g1"), ("retire", str(group), "rt", "up-g1"),
+                                   ("bind", str(default), ""), ("retire", str(default), "rt", "")]
+    assert [i.address for i in dest.instances(default)] == [("10.0.0.2", 80)] and dest.instances(group) == []
+
+    # a retire that raises stops neither the cleanup nor the other units
+    seed()
+    GatewayDouble.calls.clear()
+    GatewayDouble.retire_raises = True
+    try:
+        assert run(engine.cleanup_units(gateway_factory, cfg, found)) == 2
+    finally:
+        GatewayDouble.retire_raises = False
+    assert [c[0] for c in GatewayDouble.calls].count("retire") == 2
+
+    # copies that could not be deleted, or a destination that cannot be read: nothing is retired
+    seed()
+    GatewayDouble.calls.clear()
+    dest.fail_writes = True
+    assert run(engine.cleanup_units(gateway_factory, cfg, found)) == 0
+    dest.fail_writes, dest.fail_reads = False, True
+    assert run(engine.cleanup_units(gateway_factory, cfg, found)) == 0
+    dest.fail_reads = False
+    assert [c for c in GatewayDouble.calls if c[0] == "retire"] == []
+    memory.STORES.pop("mem-rt-gw", None)
+    memory.STORES.pop("mem-rt-a", None)
