@@ -294,9 +294,13 @@ class Leader:
                 self.store.drop_lease(f"{kind}:{name}")
             return
         # changed: copies under destination services it no longer has go
-        same_dest = units.endpoint_of(old.destination) == units.endpoint_of(ctl.config.destination)
+        same_dest = units.same_destination(old.destination, ctl.config.destination)
         kept = {u.dest_service for u in ctl.units.values()} if same_dest else set()
         orphans = [u for u in known if u.dest_service not in kept]
+        if orphans and same_dest and ctl.discovery_error:
+            # an incomplete listing is not a removal: the cleanup stays owed until one completes
+            raise errors.TemporaryError(f"task {name}: its service listing failed ({ctl.discovery_error}); "
+                                        f"copies under {len(orphans)} service(s) it may no longer have are kept")
         if orphans:
             await self._cleanup(old, orphans)
 

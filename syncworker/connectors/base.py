@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 from syncworker import model
@@ -113,6 +113,11 @@ class Connector(abc.ABC):
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        #: set by the engine for a watched source: true while many of the task's units wait for a
+        #: worker (an initial sync). A watch may then postpone its costly polls (whole-namespace
+        #: reads) for a while: those units read the source themselves when they run, and a poll
+        #: made later still diffs against the same baseline, so no change is lost, only seen later.
+        self.watch_busy: Callable[[], bool] | None = None
 
     @property
     def name(self) -> str:

@@ -69,6 +69,10 @@ class DirtyQueue:
     def running(self, key: str) -> bool:
         return key in self._running
 
+    def ready(self, key: str) -> bool:
+        """Whether `key` waits for a worker now (not running, not a delayed retry)."""
+        return key in self._queued
+
     async def run_timers(self) -> None:
         """Move delayed marks to the ready queue when due; runs for the engine's lifetime."""
         while True:

@@ -126,11 +126,22 @@ class Engine:
                 before = list(self.tasks[name].units.values())
                 await self._stop_task(name)
                 changes["changed"].append(name)
+                if not units.same_destination(old[name].destination, cfg.destination):
+                    # another destination: its copies go before the new task starts, so this
+                    # cleanup can never delete what the new task writes (same task, same marks)
+                    await self._cleanup_units(old[name], before)
+                    await self._start_task(cfg)
+                    continue
                 await self._start_task(cfg)
-                same_dest = endpoint_of(old[name].destination) == endpoint_of(cfg.destination)
-                kept = {u.dest_service for u in self.tasks[name].units.values()} if same_dest else set()
+                rt = self.tasks[name]
+                kept = {u.dest_service for u in rt.units.values()}
                 orphans = [u for u in before if u.dest_service not in kept]
-                if orphans:
+                if orphans and rt.discovery_error:
+                    # an incomplete listing is not a removal: nothing is deleted on a failed read
+                    log.warning("changed task: copies under services it may no longer have are kept, "
+                                "since its service listing failed", extra={
+                                    "task": name, "units": len(orphans), "error": rt.discovery_error})
+                elif orphans:
                     await self._cleanup_units(old[name], orphans)
                 continue
             changes["added"].append(name)
@@ -154,6 +165,7 @@ class Engine:
             rt.loops.append(asyncio.create_task(
                 self._pull_loop(rt, models.parse_duration(pull.interval)), name=f"pull-{cfg.name}"))
         if self.config.method("watch") is not None and source.capabilities.watch:
+            source.watch_busy = lambda: self._backlog(rt)
             rt.loops.append(asyncio.create_task(self._watch_loop(rt), name=f"watch-{cfg.name}"))
         if dest.capabilities.needs_heartbeats:
             rt.loops.append(asyncio.create_task(self._heartbeat_loop(rt), name=f"beat-{cfg.name}"))
@@ -194,6 +206,15 @@ class Engine:
         for key in found:
             self.states.setdefault(key, unit.UnitState())
         return added
+
+    def _backlog(self, rt: TaskRuntime) -> bool:
+        """Whether more of the task's units wait for a worker than the workers can take at once."""
+        waiting = 0
+        for key in rt.units:
+            waiting += self.queue.ready(key)
+            if waiting > self.workers:
+                return True
+        return False
 
     def _still_has_copies(self, key: str) -> bool:
         return still_has_copies(self.states.get(key))

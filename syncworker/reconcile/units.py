@@ -31,6 +31,18 @@ def endpoint_of(cfg: models.EndpointConfig) -> base.Endpoint:
                          password=cfg.password.get_secret_value(), options=dict(cfg.options))
 
 
+def same_destination(a: models.EndpointConfig, b: models.EndpointConfig) -> bool:
+    """Whether two endpoint configs name the same place to write to.
+
+    Credentials (token, user, password) and the order of the addresses do not change
+    where copies live: a rotated token must not make a changed task clean up the copies
+    it is about to keep. Any other difference (type, addresses, options such as a name
+    prefix or a file path) may, so it counts.
+    """
+    ea, eb = endpoint_of(a), endpoint_of(b)
+    return (ea.type, sorted(ea.addresses), ea.options) == (eb.type, sorted(eb.addresses), eb.options)
+
+
 def policy_of(task: models.TaskConfig) -> safety.Policy:
     s = task.safety
     return safety.Policy(empty_grace=models.parse_duration(s.empty_grace),

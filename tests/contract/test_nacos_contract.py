@@ -10,6 +10,7 @@ watch latency, and login (auth on) with a clear error for a wrong password.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -558,6 +559,64 @@ def test_engine_two_way_with_memory(loop: Loop, checked_http: str) -> None:
         await reader.close()
 
     loop.run_until_complete(scenario())
+
+
+def test_namespace_watch_waits_while_the_engine_is_busy_and_loses_no_change(loop: Loop, http: str) -> None:
+    """While `watch_busy` says the engine has a backlog, whole-namespace polls wait (a change is not
+    yielded yet, no catalog request is sent); once it clears, the change made meanwhile is yielded."""
+    conn = _open(loop, nh.endpoint(http))
+    sent: list[str] = []
+    real_call = conn._call
+
+    async def counting(method: str, path: str, **kw):  # type: ignore[no-untyped-def]
+        sent.append(path)
+        return await real_call(method, path, **kw)
+
+    conn._call = counting  # type: ignore[method-assign]
+    busy = [False]
+    conn.watch_busy = lambda: busy[0]
+    svc = fresh_service("", "BUSY_GROUP")
+
+    async def scenario() -> None:
+        with nh.raw(http) as raw:
+            raw.register(svc, "127.0.0.94", 9302, ephemeral=False, weight="1")
+            await asyncio.sleep(1.0)  # Nacos's read cache
+            events: list[model.ServiceKey | None] = []
+
+            async def consume() -> None:
+                async for event in conn.watch([], [""]):
+                    events.append(event)
+
+            watching = asyncio.create_task(consume())
+            try:
+                deadline = time.monotonic() + 10
+                while None not in events:  # the baseline
+                    assert time.monotonic() < deadline, "no baseline"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # ordinary polls after the baseline
+                busy[0] = True
+                raw.register(svc, "127.0.0.94", 9302, ephemeral=False, weight="3")
+                before = len(sent)
+                await asyncio.sleep(2.5)  # far longer than Nacos's read delay and the poll interval
+                assert svc not in events
+                assert not [p for p in sent[before:] if p.endswith("/service/list")], sent[before:]
+                busy[0] = False
+                started = time.monotonic()
+                while svc not in events:
+                    assert time.monotonic() - started < 5, "the change made while busy was never yielded"
+                    await asyncio.sleep(0.02)
+                print(f"\nnacos namespace watch: change made while busy yielded {time.monotonic() - started:.2f} s "
+                      "after the backlog cleared")
+            finally:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+            raw.deregister(svc, "127.0.0.94", 9302, ephemeral=False)
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.run_until_complete(conn.close())
 
 
 def test_namespace_watch_baseline_answers_the_first_reads_once(loop: Loop, http: str) -> None:

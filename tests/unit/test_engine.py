@@ -455,3 +455,64 @@ def test_cleanup_retires_gateway_objects_of_units_whose_copies_are_gone_and_neve
     assert [c for c in GatewayDouble.calls if c[0] == "retire"] == []
     memory.STORES.pop("mem-rt-gw", None)
     memory.STORES.pop("mem-rt-a", None)
+
+
+def deletes_at(name: str) -> list[model.Address]:
+    """Start recording every delete made in registry `name`; the list fills as they happen."""
+    seen: list[model.Address] = []
+    s = store(name)
+    original = s.remove
+
+    def remove(service: model.ServiceKey, address: model.Address) -> None:
+        seen.append(address)
+        original(service, address)
+
+    s.remove = remove  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_rotated_destination_token_deletes_no_copy() -> None:
+    async def main() -> None:
+        put("A", *natives("10.0.7.1", "10.0.7.2"))
+        first = task("ab", "A", "B")
+        first["destination"]["token"] = "old-token"
+        async with running(config(first)) as e:
+            assert len(at("B")) == 2
+            deleted = deletes_at("B")
+            second = task("ab", "A", "B")
+            second["destination"]["token"] = "new-token"
+            assert (await e.apply_config(config(second)))["changed"] == ["ab"]
+            assert await e.settle(10)
+            assert deleted == []
+            assert len(at("B")) == 2
+    run(main())
+
+
+def test_a_changed_task_whose_listing_fails_deletes_nothing() -> None:
+    async def main() -> None:
+        put("A", *natives("10.0.8.1"))
+        async with running(config(task("ab", "A", "B"))) as e:
+            assert len(at("B")) == 1
+            deleted = deletes_at("B")
+            store("A").fail_reads = True
+            try:
+                # a change of the task (its rate limit) while its source cannot list its services
+                assert (await e.apply_config(config(task("ab", "A", "B", rate_limit=500))))["changed"] == ["ab"]
+                await asyncio.sleep(0.3)
+                assert deleted == []
+                assert len(at("B")) == 1
+            finally:
+                store("A").fail_reads = False
+    run(main())
+
+
+def test_a_task_moved_to_another_destination_leaves_the_old_one_clean_and_fills_the_new() -> None:
+    async def main() -> None:
+        put("A", *natives("10.0.9.1"))
+        async with running(config(task("ab", "A", "B"))) as e:
+            assert len(at("B")) == 1
+            assert (await e.apply_config(config(task("ab", "A", "C"))))["changed"] == ["ab"]
+            assert await e.settle(10)
+            assert at("B") == {}
+            assert len(at("C")) == 1
+    run(main())
