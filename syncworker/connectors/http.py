@@ -19,8 +19,10 @@ from typing import Any
 
 import httpx
 
+from syncworker import jsonwire
 from syncworker.connectors import base
 
+_JSON_HEADERS = {"Content-Type": jsonwire.CONTENT_TYPE}
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
@@ -108,7 +110,9 @@ class Transport:
         for i in range(n):
             idx = (self._current + i) % n
             try:
-                resp = await client.request(method, self.bases[idx] + path, params=params, json=body)
+                resp = await client.request(method, self.bases[idx] + path, params=params,
+                                            content=None if body is None else jsonwire.dumps(body),
+                                            headers=None if body is None else _JSON_HEADERS)
             except _NOT_SENT as exc:
                 last = exc
                 continue

@@ -102,7 +102,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from syncworker import errors, model
+from syncworker import errors, jsonwire, model
 from syncworker.connectors import base, http
 from syncworker.reconcile import planner
 
@@ -449,7 +449,7 @@ class PolarisConnector(http.HttpConnector):
     @staticmethod
     def _body(resp: httpx.Response) -> Json:
         try:
-            data = resp.json()
+            data = jsonwire.loads(resp.content)
         except ValueError:
             return {}
         return data if isinstance(data, dict) else {}
@@ -511,35 +511,43 @@ class PolarisConnector(http.HttpConnector):
 
     # ---- reads ----------------------------------------------------------------------
     async def list_services(self, namespace: str) -> Sequence[model.ServiceKey]:
-        pns = polaris_namespace(namespace)
-        what = f"list services of namespace {pns}"
         for _attempt in range(3):
-            names: set[str] = set()
-            amount: int | None = None
-            offset = 0
-            consistent = True
-            while True:
-                code, data = await self._read("GET", "/naming/v1/services", what,
-                                              params={"namespace": pns, "offset": offset, "limit": PAGE})
-                if code in (NOT_FOUND_NAMESPACE, NOT_FOUND_RESOURCE):
-                    return []
-                if code != EXECUTE_SUCCESS:
-                    raise errors.ReadError(f"polaris {self.name}: {what}: code {code} {_info(data)}".rstrip())
-                total, page = self._page(data, "services", what)
-                if amount is None:
-                    amount = total
-                elif total != amount:
-                    consistent = False
-                    break
-                for svc in page:
-                    if isinstance(svc, Mapping) and svc.get("namespace", pns) == pns and svc.get("name"):
-                        names.add(str(svc["name"]))
-                offset += len(page)
-                if not page or offset >= total:
-                    break
-            if consistent and amount is not None and len(names) == amount:
+            names = await self._service_names(polaris_namespace(namespace))
+            if names is not None:
                 return sorted(model.ServiceKey(namespace, *split_service_name(n)) for n in names)
-        raise errors.ReadError(f"polaris {self.name}: {what}: the list changed while it was paged; try again")
+        raise errors.ReadError(f"polaris {self.name}: list services of namespace {polaris_namespace(namespace)}: "
+                               "the list changed while it was paged; try again")
+
+    async def _service_names(self, pns: str, *, strict: bool = True) -> set[str] | None:
+        """The service names of `pns` in one paged pass; None (`strict`) when the count changed meanwhile.
+
+        Not strict: whatever the pages held, even when services were created during the pass
+        (an initial sync creates them all the time, so a strict list of a busy namespace may
+        never come out consistent).
+        """
+        what = f"list services of namespace {pns}"
+        names: set[str] = set()
+        amount: int | None = None
+        offset = 0
+        while True:
+            code, data = await self._read("GET", "/naming/v1/services", what,
+                                          params={"namespace": pns, "offset": offset, "limit": PAGE})
+            if code in (NOT_FOUND_NAMESPACE, NOT_FOUND_RESOURCE):
+                return set()
+            if code != EXECUTE_SUCCESS:
+                raise errors.ReadError(f"polaris {self.name}: {what}: code {code} {_info(data)}".rstrip())
+            total, page = self._page(data, "services", what)
+            if amount is None:
+                amount = total
+            elif total != amount and strict:
+                return None
+            for svc in page:
+                if isinstance(svc, Mapping) and svc.get("namespace", pns) == pns and svc.get("name"):
+                    names.add(str(svc["name"]))
+            offset += len(page)
+            if not page or offset >= total:
+                break
+        return names if not strict or len(names) == amount else None
 
     async def read_destination(self, service: model.ServiceKey) -> base.Listing:
         pns, pname = self._where(service)
@@ -596,7 +604,11 @@ class PolarisConnector(http.HttpConnector):
         """List the namespace's services into `_present` (a failed list leaves what was known)."""
         started = time.monotonic()
         try:
-            names = {polaris_service_name(k) for k in await self.list_services(pns)}
+            # not strict: a service missed while the namespace changed under the paging is
+            # answered absent, which is safe (see `_listed_absent`); a strict list of a namespace
+            # an initial sync is filling came out inconsistent again and again, each try paging
+            # the whole namespace while every destination read waited for it
+            names = await self._service_names(pns, strict=False) or set()
         except errors.SyncError as exc:
             log.debug("polaris: service list failed", extra={"endpoint": self.name, "error": str(exc)})
             return

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from syncworker import jsonwire
 
 Snapshot = Callable[[], list[dict[str, object]]]
 
@@ -73,7 +74,7 @@ class StatusServer:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             path = request.split(b" ", 2)[1].decode(errors="replace").split("?")[0]
             if path == "/status":
-                status, ctype, body = 200, "application/json", json.dumps(self.snapshot(), default=str).encode()
+                status, ctype, body = 200, "application/json", jsonwire.dumps(self.snapshot(), default=str)
             elif path == "/metrics":
                 status, ctype, body = 200, CONTENT_TYPE_LATEST, metrics_text(self.snapshot())
             elif path == "/healthz":
