@@ -585,10 +585,8 @@ def test_engine_two_way_with_memory(loop: Loop, checked_http: str) -> None:
     loop.run_until_complete(scenario())
 
 
-def test_namespace_watch_waits_while_the_engine_is_busy_and_loses_no_change(loop: Loop, http: str) -> None:
-    """While `watch_busy` says the engine has a backlog, whole-namespace polls wait (a change is not
-    yielded yet, no catalog request is sent); once it clears, the change made meanwhile is yielded."""
-    conn = _open(loop, nh.endpoint(http))
+def _record_paths(conn: NacosConnector) -> list[str]:
+    """The paths of every request `conn` sends from now on, in order (the list fills as it goes)."""
     sent: list[str] = []
     real_call = conn._call
 
@@ -597,6 +595,14 @@ def test_namespace_watch_waits_while_the_engine_is_busy_and_loses_no_change(loop
         return await real_call(method, path, **kw)
 
     conn._call = counting  # type: ignore[method-assign]
+    return sent
+
+
+def test_namespace_watch_waits_while_the_engine_is_busy_and_loses_no_change(loop: Loop, http: str) -> None:
+    """While `watch_busy` says the engine has a backlog, whole-namespace polls wait (a change is not
+    yielded yet, no catalog request is sent); once it clears, the change made meanwhile is yielded."""
+    conn = _open(loop, nh.endpoint(http))
+    sent = _record_paths(conn)
     busy = [False]
     conn.watch_busy = lambda: busy[0]
     svc = fresh_service("", "BUSY_GROUP")
@@ -647,14 +653,7 @@ def test_namespace_watch_baseline_answers_the_first_reads_once(loop: Loop, http:
     """A whole-namespace watch's baseline answers the next read of each service (no request), once;
     a service that changes afterwards is read for real, and nothing primed outlives the watch."""
     conn = _open(loop, nh.endpoint(http))
-    sent: list[str] = []
-    real_call = conn._call
-
-    async def counting(method: str, path: str, **kw):  # type: ignore[no-untyped-def]
-        sent.append(path)
-        return await real_call(method, path, **kw)
-
-    conn._call = counting  # type: ignore[method-assign]
+    sent = _record_paths(conn)
     calm, busy = fresh_service("", "PRIME_GROUP"), fresh_service("", "PRIME_GROUP")
 
     async def scenario() -> None:
