@@ -130,6 +130,32 @@ class TestNacosV1ApiContract(RegistryContract):
         loop.run_until_complete(conn.close())
 
 
+def test_v1_api_watch_yields_a_change(loop: Loop, v1_http: str) -> None:
+    """The 2.x path's watch (a single service polled through `/v1/ns/instance/list`) sees a change."""
+    conn = _open(loop, nh.endpoint(v1_http, api="v1"))
+    svc = fresh_service("")
+
+    async def scenario() -> None:
+        gen = conn.watch([svc], []).__aiter__()
+        assert await asyncio.wait_for(gen.__anext__(), 10.0) is None
+        with nh.raw(v1_http) as raw:
+            raw.register(svc, "127.0.0.95", 9303, ephemeral=False, weight="2")
+            try:
+                deadline = time.monotonic() + 5
+                while await asyncio.wait_for(gen.__anext__(), max(0.1, deadline - time.monotonic())) != svc:
+                    pass
+                listing = await conn.list_instances(svc)
+                assert [(i.host, i.weight) for i in listing.instances] == [("127.0.0.95", 2.0)]
+            finally:
+                await gen.aclose()
+                raw.deregister(svc, "127.0.0.95", 9303, ephemeral=False)
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.run_until_complete(conn.close())
+
+
 def test_registered_as_type_nacos() -> None:
     assert registry.connector_class("nacos") is NacosConnector
 
