@@ -955,15 +955,16 @@ class NacosConnector(base.Connector):
                     if plan is None:
                         plan = await self._watch_plan(explicit)
                     singles, grouped = plan
-                    if started >= wide_due and self._postpone_wide(baseline is None, started, wide_done):
-                        wide_due = started + self.namespace_watch_interval
-                    elif started >= wide_due:
-                        wide = await self._poll_namespaces(spaces, grouped, prime=baseline is None)
-                        wide_done = started
-                        # a whole-namespace read grows with the namespace: keep its duty cycle
-                        # at most a third, so a large idle namespace does not keep a core busy
-                        spent = loop.time() - started
-                        wide_due = started + max(self.namespace_watch_interval, WIDE_DUTY * spent)
+                    if started >= wide_due:
+                        if self._postpone_wide(baseline is None, started, wide_done):
+                            wide_due = started + self.namespace_watch_interval
+                        else:
+                            wide = await self._poll_namespaces(spaces, grouped, prime=baseline is None)
+                            wide_done = started
+                            # a whole-namespace read grows with the namespace: keep its duty cycle
+                            # at most a third, so a large idle namespace does not keep a core busy
+                            spent = loop.time() - started
+                            wide_due = started + max(self.namespace_watch_interval, WIDE_DUTY * spent)
                     if started >= singles_due:
                         alone = await self._poll_services(singles)
                         singles_due = started + self.watch_interval
