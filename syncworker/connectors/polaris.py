@@ -142,6 +142,8 @@ NOT_FOUND_NAMESPACE = 400305
 CLIENT_API_NOT_OPEN = 400401
 DATA_CONFLICT = 409000
 GONE = frozenset({NOT_FOUND_RESOURCE, NOT_FOUND_SERVICE, NOT_FOUND_INSTANCE, NOT_FOUND_NAMESPACE})
+#: the codes with which a service list says the namespace holds nothing
+NO_NAMESPACE = frozenset({NOT_FOUND_NAMESPACE, NOT_FOUND_RESOURCE})
 
 Json = dict[str, Any]
 #: the service name of the watch's cache-refresh query (it need not exist)
@@ -512,42 +514,11 @@ class PolarisConnector(http.HttpConnector):
     # ---- reads ----------------------------------------------------------------------
     async def list_services(self, namespace: str) -> Sequence[model.ServiceKey]:
         for _attempt in range(3):
-            names = await self._service_names(polaris_namespace(namespace))
-            if names is not None:
-                return sorted(model.ServiceKey(namespace, *split_service_name(n)) for n in names)
+            counts = await self._service_counts(polaris_namespace(namespace), gone=NO_NAMESPACE)
+            if counts is not None:
+                return sorted(model.ServiceKey(namespace, *split_service_name(n)) for n in counts)
         raise errors.ReadError(f"polaris {self.name}: list services of namespace {polaris_namespace(namespace)}: "
                                "the list changed while it was paged; try again")
-
-    async def _service_names(self, pns: str, *, strict: bool = True) -> set[str] | None:
-        """The service names of `pns` in one paged pass; None (`strict`) when the count changed meanwhile.
-
-        Not strict: whatever the pages held, even when services were created during the pass
-        (an initial sync creates them all the time, so a strict list of a busy namespace may
-        never come out consistent).
-        """
-        what = f"list services of namespace {pns}"
-        names: set[str] = set()
-        amount: int | None = None
-        offset = 0
-        while True:
-            code, data = await self._read("GET", "/naming/v1/services", what,
-                                          params={"namespace": pns, "offset": offset, "limit": PAGE})
-            if code in (NOT_FOUND_NAMESPACE, NOT_FOUND_RESOURCE):
-                return set()
-            if code != EXECUTE_SUCCESS:
-                raise errors.ReadError(f"polaris {self.name}: {what}: code {code} {_info(data)}".rstrip())
-            total, page = self._page(data, "services", what)
-            if amount is None:
-                amount = total
-            elif total != amount and strict:
-                return None
-            for svc in page:
-                if isinstance(svc, Mapping) and svc.get("namespace", pns) == pns and svc.get("name"):
-                    names.add(str(svc["name"]))
-            offset += len(page)
-            if not page or offset >= total:
-                break
-        return names if not strict or len(names) == amount else None
 
     async def read_destination(self, service: model.ServiceKey) -> base.Listing:
         pns, pname = self._where(service)
@@ -608,7 +579,7 @@ class PolarisConnector(http.HttpConnector):
             # answered absent, which is safe (see `_listed_absent`); a strict list of a namespace
             # an initial sync is filling came out inconsistent again and again, each try paging
             # the whole namespace while every destination read waited for it
-            names = await self._service_names(pns, strict=False) or set()
+            names = set(await self._service_counts(pns, strict=False, gone=NO_NAMESPACE) or ())
         except errors.SyncError as exc:
             log.debug("polaris: service list failed", extra={"endpoint": self.name, "error": str(exc)})
             return
@@ -943,23 +914,30 @@ class PolarisConnector(http.HttpConnector):
             return set()
         return {n for n in before.keys() | counts.keys() if before.get(n) != counts.get(n)}
 
-    async def _service_counts(self, pns: str) -> dict[str, int] | None:
-        """Instances per service of `pns` (console service list); None when paging was inconsistent."""
-        what = f"count instances per service of {pns}"
+    async def _service_counts(self, pns: str, *, strict: bool = True, gone: frozenset[int] = GONE
+                              ) -> dict[str, int] | None:
+        """Instances per service of `pns` (console service list) in one paged pass; {} when Polaris
+        answers a code in `gone`; None (`strict`) when the list changed while it was paged.
+
+        Not strict: whatever the pages held, even when services were created during the pass
+        (an initial sync creates them all the time, so a strict list of a busy namespace may
+        never come out consistent).
+        """
+        what = f"list services of namespace {pns}"
         counts: dict[str, int] = {}
         amount: int | None = None
         offset = 0
         while True:
             code, data = await self._read("GET", "/naming/v1/services", what,
                                           params={"namespace": pns, "offset": offset, "limit": PAGE})
-            if code in GONE:
+            if code in gone:
                 return {}
             if code != EXECUTE_SUCCESS:
-                raise errors.TemporaryError(f"polaris {self.name}: {what}: code {code} {_info(data)}".rstrip())
+                raise errors.ReadError(f"polaris {self.name}: {what}: code {code} {_info(data)}".rstrip())
             total, page = self._page(data, "services", what)
             if amount is None:
                 amount = total
-            elif total != amount:
+            elif total != amount and strict:
                 return None
             for svc in page:
                 if isinstance(svc, Mapping) and svc.get("name") and svc.get("namespace", pns) == pns:
@@ -968,7 +946,7 @@ class PolarisConnector(http.HttpConnector):
             offset += len(page)
             if not page or offset >= total:
                 break
-        return counts if len(counts) == amount else None
+        return counts if not strict or len(counts) == amount else None
 
     def _attribute(self, pns: str, space: _Namespace, names: set[str],
                    tracked: dict[tuple[str, str], _Tracked]) -> list[model.ServiceKey]:
